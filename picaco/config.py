@@ -1,0 +1,208 @@
+"""Run configuration: which model plays each role, the values, the queries and the hyper-parameters.
+
+A config is YAML validated by pydantic. Every field has a default that runs offline on the embedded
+models, so an empty file is a valid config. Command-line flags override fields with dotted paths
+(`--set optimize.T=5`). Secrets never live in a config: an OpenAI-compatible role names the
+*environment variable* (or key file) that holds its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from picaco.errors import ConfigError, describe_validation_error
+
+BackendKind = Literal["embedded", "openai", "fake"]
+
+_SECRET_FIELDS = {"api_key", "key", "token", "secret", "password"}
+
+
+class RoleConfig(BaseModel):
+    """One model role (target, optimizer, judge backend): a backend and its connection settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: BackendKind = "embedded"
+    #: embedded: a registry name (`picaco models list`) or a path to a GGUF file; openai: the served model
+    model: str = "qwen2.5-coder-0.5b"
+    base_url: str | None = None
+    #: environment variable holding the API key (openai backend); the key itself is never stored
+    api_key_env: str | None = None
+    #: or a file containing only the key
+    api_key_file: Path | None = None
+    max_in_flight: int = Field(default=16, ge=1, le=4096)
+    timeout: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=6, ge=0, le=100)
+    #: how the openai backend gets log-likelihoods of given responses
+    likelihood: Literal["auto", "completions_echo", "vllm_prompt_logprobs", "none"] = "auto"
+    #: chat template used to render prompts for the completions endpoint (openai backend)
+    prompt_template: str = "chatml"
+    #: embedded backend context size
+    n_ctx: int = Field(default=4096, ge=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            inline = sorted(k for k in data if str(k).lower() in _SECRET_FIELDS)
+            if inline:
+                raise ValueError(
+                    f"'{inline[0]}' is not allowed in a config: put the key in an environment variable "
+                    "and name it with api_key_env (or use api_key_file)"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "RoleConfig":
+        if self.backend == "openai" and not self.base_url:
+            # The official endpoint is the SDK's default; say so instead of guessing silently.
+            self.base_url = "https://api.openai.com/v1"
+        return self
+
+    def resolve_api_key(self) -> str | None:
+        """The key from the environment or key file; only ever held in memory."""
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.expanduser().read_text().strip() or None
+            except OSError as e:
+                raise ConfigError(f"api_key_file {self.api_key_file}: cannot read: {e.strerror}") from None
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(f"environment variable {self.api_key_env} (api_key_env) is not set")
+            return value
+        return os.environ.get("OPENAI_API_KEY") if self.backend == "openai" else None
+
+
+class JudgeConfig(RoleConfig):
+    """The conformity judge q_ω: the offline embedding judge, or an LLM judge on any backend."""
+
+    type: Literal["offline", "llm"] = "offline"
+    model: str = "qwen2.5-coder-1.5b"  # used only when type = llm
+
+
+def _default_optimizer() -> RoleConfig:
+    return RoleConfig(model="qwen2.5-coder-1.5b")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: a bundled value set name (`picaco values list`) or a path to a YAML file
+    values: str = "helpfulness-4"
+    #: a bundled query set ('hh', 'schwartz') or a JSONL/CSV path; default: the value set's family
+    queries: str | None = None
+    #: hyper-parameter preset; fields under `optimize` override it
+    preset: Literal["tiny", "cpu", "paper"] = "cpu"
+    target: RoleConfig = Field(default_factory=RoleConfig)
+    optimizer: RoleConfig = Field(default_factory=_default_optimizer)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    #: the evaluation judge; default: the same as `judge` (reports flag that)
+    eval_judge: JudgeConfig | None = None
+    #: hyper-parameter overrides on top of the preset (see `picaco.optimize.params`)
+    optimize: dict[str, Any] = Field(default_factory=dict)
+    #: the starting instruction e^0 (text); default: one that lists the values
+    seed_instruction: str | None = None
+    #: continue from an earlier run directory or an instruction text file
+    init_from: Path | None = None
+    max_calls: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    cache: bool = True
+    run_dir: Path | None = None
+
+    @field_validator("optimize")
+    @classmethod
+    def _known_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from picaco.optimize.params import OptimizeParams
+
+        try:
+            OptimizeParams.model_validate(v)
+        except ValidationError as e:  # re-raised as one line naming the parameter
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise ValueError(f"{where}: {first.get('msg', 'invalid')}") from None
+        return v
+
+    def params(self):
+        """The effective hyper-parameters: the preset, then the `optimize` overrides."""
+        from picaco.optimize.params import PRESETS, OptimizeParams
+
+        base = PRESETS[self.preset].model_dump()
+        return OptimizeParams.model_validate({**base, **self.optimize})
+
+    def public_dict(self) -> dict:
+        """The resolved config as stored in run directories (contains no secrets by construction)."""
+        return json.loads(self.model_dump_json())
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.public_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optimize.T=5` -> ('optimize.T', 5); the value is parsed as YAML (numbers, booleans, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optimize.T=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a YAML config (or the defaults) and apply dotted overrides; errors are one line."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        if len(raw) > 1_000_000:
+            raise ConfigError(f"{path}: too large for a config file ({len(raw)} bytes)")
+        try:
+            loaded = yaml.safe_load(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping of fields")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, source)) from None

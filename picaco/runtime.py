@@ -1,0 +1,98 @@
+"""Builds the live objects a run needs from a `RunConfig`: backends, role clients, judges.
+
+One `Runtime` per process run: it owns the call cache, the accounting and the budget that every role
+shares, and it loads each embedded model file once even when several roles use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from picaco.config import JudgeConfig, RoleConfig, RunConfig
+from picaco.errors import ConfigError
+from picaco.llm.accounting import Accounting, Budget
+from picaco.llm.base import Backend
+from picaco.llm.cache import CallCache
+from picaco.llm.client import LLMClient
+
+
+def make_backend(cfg: RoleConfig) -> Backend:
+    if cfg.backend == "embedded":
+        from picaco.llm.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(cfg.model, n_ctx=cfg.n_ctx)
+    if cfg.backend == "openai":
+        from picaco.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            base_url=cfg.base_url,
+            model=cfg.model,
+            api_key=cfg.resolve_api_key(),
+            max_in_flight=cfg.max_in_flight,
+            timeout=cfg.timeout,
+            max_retries=cfg.max_retries,
+            likelihood=cfg.likelihood,
+            prompt_template=cfg.prompt_template,
+        )
+    if cfg.backend == "fake":
+        from picaco.llm.fake import FakeBackend
+
+        return FakeBackend(cfg.model)
+    raise ConfigError(f"unknown backend {cfg.backend!r}")
+
+
+def _backend_key(cfg: RoleConfig) -> tuple:
+    # Roles with the same connection share one backend (one loaded model, one HTTP pool).
+    model = cfg.model
+    if cfg.backend == "embedded" and os.path.exists(model):
+        model = str(Path(model).resolve())
+    return (cfg.backend, model, cfg.base_url, cfg.api_key_env, str(cfg.api_key_file), cfg.n_ctx)
+
+
+class Runtime:
+    def __init__(self, config: RunConfig, *, cache: CallCache | None = None, use_cache: bool | None = None):
+        self.config = config
+        enabled = config.cache if use_cache is None else use_cache
+        self.cache = (cache or CallCache()) if enabled else None
+        self.accounting = Accounting()
+        self.budget = Budget(config.max_calls, config.max_tokens)
+        self._backends: dict[tuple, Backend] = {}
+        self._clients: dict[str, LLMClient] = {}
+
+    def backend(self, cfg: RoleConfig) -> Backend:
+        key = _backend_key(cfg)
+        if key not in self._backends:
+            self._backends[key] = make_backend(cfg)
+        return self._backends[key]
+
+    def client(self, role: str, cfg: RoleConfig | None = None) -> LLMClient:
+        """The client for a role ('target', 'optimizer', 'judge', 'eval_judge', ...)."""
+        if role not in self._clients:
+            cfg = cfg if cfg is not None else getattr(self.config, role)
+            self._clients[role] = LLMClient(
+                role,
+                self.backend(cfg),
+                cache=self.cache,
+                accounting=self.accounting,
+                budget=self.budget,
+                max_concurrency=cfg.max_in_flight,
+            )
+        return self._clients[role]
+
+    def judge(self, role: str = "judge", cfg: JudgeConfig | None = None):
+        """The conformity judge q_ω for a role: offline (embedding probe) or an LLM judge."""
+        cfg = cfg if cfg is not None else (getattr(self.config, role, None) or self.config.judge)
+        if cfg.type == "offline":
+            from picaco.judge.offline import OfflineJudge
+
+            return OfflineJudge()
+        from picaco.judge.llm import LLMJudge
+
+        return LLMJudge(self.client(role, cfg))
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+        if self.cache is not None:
+            self.cache.close()

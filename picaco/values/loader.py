@@ -1,0 +1,105 @@
+"""Loading value sets from the bundled YAML files or a user's own file."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from picaco.errors import DataError, describe_validation_error
+from picaco.values.model import ValueSet
+
+_MAX_BYTES = 1_000_000  # a value set is a few KB; refuse anything absurd before parsing it
+
+
+def _bundled_dir() -> Path:
+    return Path(str(resources.files("picaco.values") / "sets"))
+
+
+def bundled_value_sets() -> list[str]:
+    return sorted(p.stem for p in _bundled_dir().glob("*.yaml"))
+
+
+def _resolve(name_or_path: str | Path, base_dir: Path | None) -> Path:
+    text = str(name_or_path)
+    candidate = Path(text).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists() or "/" in text:
+        if not candidate.is_absolute() and base_dir is not None and not candidate.exists():
+            candidate = base_dir / candidate
+        if not candidate.is_file():
+            raise DataError(f"value set file not found: {candidate}")
+        return candidate
+    if base_dir is not None and (base_dir / f"{text}.yaml").is_file():
+        return base_dir / f"{text}.yaml"
+    bundled = _bundled_dir() / f"{text}.yaml"
+    if bundled.is_file():
+        return bundled
+    raise DataError(
+        f"unknown value set {text!r}: use one of {', '.join(bundled_value_sets())} or a path to a YAML file"
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        if path.stat().st_size > _MAX_BYTES:
+            raise DataError(f"{path}: file is too large for a value set ({path.stat().st_size} bytes)")
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DataError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a value set must be a YAML mapping with 'name' and 'values'")
+    return data
+
+
+def load_value_set(name_or_path: str | Path, *, _base_dir: Path | None = None, _seen=()) -> ValueSet:
+    """Load a bundled set by name (e.g. 'confucianism-4') or a YAML file by path.
+
+    `extends` names other sets whose values may be listed by bare id; they are looked up next to the
+    file first, then among the bundled sets.
+    """
+    path = _resolve(name_or_path, _base_dir)
+    if path.resolve() in _seen:
+        raise DataError(f"{path}: 'extends' forms a cycle")
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+
+    extends = data.pop("extends", None) or []
+    if isinstance(extends, str):
+        extends = [extends]
+    if not isinstance(extends, list):
+        raise DataError(f"{path}: extends: must be a set name or a list of set names")
+    library = {}
+    for parent in extends:
+        parent_set = load_value_set(parent, _base_dir=path.parent, _seen=(*_seen, path.resolve()))
+        for v in parent_set.values:
+            library.setdefault(v.id, v.model_dump())
+
+    values = data.get("values")
+    if not isinstance(values, list):
+        raise DataError(f"{path}: values: must be a list of values")
+    resolved = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            if v not in library:
+                hint = f" (known from extends: {', '.join(library)})" if library else " (no 'extends' set)"
+                raise DataError(f"{path}: values.{i}: unknown value id {v!r}{hint}")
+            resolved.append(library[v])
+        elif isinstance(v, dict) and v.get("id") in library and "definition" not in v:
+            # `{id: tradition, weight: 2}`: a value from an extended set with an override
+            resolved.append({**library[v["id"]], **v})
+        else:
+            resolved.append(v)
+    data["values"] = resolved
+    try:
+        return ValueSet.model_validate(data)
+    except ValidationError as e:
+        raise DataError(describe_validation_error(e, str(path))) from None

@@ -1,0 +1,180 @@
+"""Config validation, value-set and query-set loading: good input loads, bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from picaco.config import load_config, parse_override
+from picaco.data.queries import bundled_query_sets, load_queries
+from picaco.errors import ConfigError, DataError
+from picaco.values import bundled_value_sets, load_value_set
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_empty_config_is_valid_and_offline(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    cfg = load_config(p)
+    assert cfg.target.backend == "embedded" and cfg.judge.type == "offline"
+
+
+def test_overrides_use_dotted_paths():
+    cfg = load_config(None, dict([parse_override("target.model=smollm2-135m"), parse_override("max_calls=50")]))
+    assert cfg.target.model == "smollm2-135m" and cfg.max_calls == 50
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("target: {backend: nope}", "target.backend"),
+        ("target: {max_in_flight: 0}", "target.max_in_flight"),
+        ("bogus_field: 1", "bogus_field"),
+        ("target: {api_key: sk-123}", "api_key_env"),
+        ("values: [unclosed", "invalid YAML at line"),
+        ("- a list", "must be a YAML mapping"),
+        ("max_calls: -3", "max_calls"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_field(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    assert "sk-123" not in msg  # a secret typed into the config is never echoed back
+
+
+def test_missing_and_binary_config(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(p)
+
+
+def test_api_key_comes_from_environment_only(monkeypatch):
+    cfg = load_config(None, {"target.backend": "openai", "target.api_key_env": "MY_KEY", "target.model": "m"})
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with pytest.raises(ConfigError, match="MY_KEY"):
+        cfg.target.resolve_api_key()
+    monkeypatch.setenv("MY_KEY", "sk-secret-value")
+    assert cfg.target.resolve_api_key() == "sk-secret-value"
+    assert "sk-secret-value" not in json.dumps(cfg.public_dict())
+
+
+# -------------------------------------------------------------------------------------- value sets
+
+
+def test_bundled_sets_load_with_expected_members():
+    names = bundled_value_sets()
+    for required in ["helpfulness-4", "harmlessness-4", "hh-balance-8", "confucianism-4", "liberalism-4", "schwartz-10"]:
+        assert required in names
+    sets = {n: load_value_set(n) for n in names}
+    assert len(sets["schwartz-10"].values) == 10
+    assert sets["hh-balance-8"].ids == sets["helpfulness-4"].ids + sets["harmlessness-4"].ids
+    assert sets["confucianism-4"].ids == ["tradition", "conformity", "benevolence", "security"]
+    for vs in sets.values():
+        for v in vs.values:
+            assert v.definition and v.conforming and v.violating, (vs.name, v.id)
+
+
+def test_user_set_extends_bundled_and_overrides_weight(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text(
+        "name: mine\nextends: schwartz-10\nvalues:\n  - tradition\n  - {id: benevolence, weight: 2}\n"
+        "  - id: thrift\n    title: Thrift\n    definition: The answer avoids waste and favours saving money.\n"
+        "tensions:\n  - between: [tradition, thrift]\n"
+    )
+    vs = load_value_set(p)
+    assert vs.ids == ["tradition", "benevolence", "thrift"]
+    assert vs.weights() == {"tradition": 1.0, "benevolence": 2.0, "thrift": 1.0}
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("name: x\nvalues: []\n", "at least one value"),
+        ("name: x\nvalues:\n  - {id: a, title: A, definition: long enough text}\n  - {id: a, title: B, definition: long enough text}\n", "duplicate value ids: a"),
+        ("name: x\nvalues:\n  - {id: Bad-Id, title: A, definition: long enough text}\n", "snake_case"),
+        ("name: x\nvalues:\n  - tradition\n", "unknown value id 'tradition'"),
+        ("name: x\nvalues:\n  - {id: a, title: A, definition: long enough text, weight: -1}\n", "weight"),
+        ("name: x\nvalues: {a: 1}\n", "must be a list"),
+        ("name: x\nvalues:\n  - {id: a, title: A, definition: long enough text}\ntensions:\n  - between: [a, zz]\n", "not in the set: zz"),
+        (":\n  - [", "invalid YAML"),
+    ],
+)
+def test_malformed_value_sets(tmp_path, text, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_value_set(p)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- query sets
+
+
+def test_bundled_query_sets_have_disjoint_splits_of_the_promised_size():
+    assert {"hh", "schwartz"} <= set(bundled_query_sets())
+    for name in ("hh", "schwartz"):
+        train, test = load_queries(name, "train"), load_queries(name, "test")
+        assert len(train) >= 60 and len(test) >= 100
+        norm = lambda q: " ".join(q.text.lower().split())  # noqa: E731
+        assert not {norm(q) for q in train} & {norm(q) for q in test}
+        assert not {q.id for q in train} & {q.id for q in test}
+
+
+def test_user_jsonl_and_csv(tmp_path):
+    j = tmp_path / "q.jsonl"
+    j.write_text('{"text": "How do I boil an egg?"}\n\n"plain string line"\n')
+    assert [q.text for q in load_queries(j)] == ["How do I boil an egg?", "plain string line"]
+    c = tmp_path / "q.csv"
+    c.write_text('id,text,split\na,"Hello, world",train\nb,Bye,test\n')
+    assert [q.id for q in load_queries(c, "test")] == ["b"]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"text": "ok"}\n{broken\n', ":2: invalid JSON"),
+        ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate query id 'a'"),
+        ('{"text": 5}\n', "'text' must be a string"),
+        ('{"text": "x", "split": "dev"}\n', "split must be"),
+        ("\n\n", "no queries found"),
+        ('[1, 2]\n', "JSON object"),
+    ],
+)
+def test_bad_query_files(tmp_path, content, needle):
+    p = tmp_path / "q.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError) as e:
+        load_queries(p)
+    assert needle in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "picaco.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path):
+    for args in (["values", "show", "no-such-set"], ["no-such-command"], ["models", "pull", "no-such-model"]):
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_values_show_json():
+    r = _cli("values", "show", "liberalism-4", "--json")
+    assert r.returncode == 0
+    assert [v["id"] for v in json.loads(r.stdout)["values"]] == ["self_direction", "stimulation", "hedonism", "universalism"]
