@@ -49,8 +49,16 @@ class LLMClient:
         self._sem = asyncio.Semaphore(max_concurrency)
         self._faults_seen: Counter = Counter()
         self._retries_seen = 0
+        self._probed = False
 
     # -- capabilities -------------------------------------------------------------------------
+    async def probe(self) -> None:
+        """Let a backend find out what its server can do (once); call before reading `has()`."""
+        probe = getattr(self.backend, "probe", None)
+        if probe is not None and not self._probed:
+            await probe()
+        self._probed = True
+
     def has(self, capability: str) -> bool:
         return bool(getattr(self.backend.capabilities, capability))
 
@@ -123,6 +131,7 @@ class LLMClient:
     # -- likelihood ---------------------------------------------------------------------------
     async def loglikelihood(self, requests: list[LikelihoodRequest]) -> list[Likelihood]:
         """Log-likelihoods of given responses; cached per request, misses sent as one batch."""
+        await self.probe()
         self.require("continuation_logprobs")
         identity = self.backend.identity()
         keys = [cache_key(identity, "loglikelihood", r.key_payload()) for r in requests]
