@@ -159,6 +159,211 @@ def values_show(
         out.print(t.why, markup=False)
 
 
+# ----------------------------------------------------------------------------------------------- init
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("picaco.yaml"), help="Where to write the example config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented example config that runs as it is.
+
+    Example: picaco init && picaco optimize -c picaco.yaml
+    """
+    from importlib import resources
+
+    if path.exists() and not force:
+        raise PicacoError(f"{path} already exists: use --force to overwrite it")
+    text = (resources.files("picaco") / "example_config.yaml").read_text()
+    path.write_text(text)
+    out.print(f"wrote {path}; run it with: picaco optimize -c {path}")
+
+
+# ------------------------------------------------------------------------------------------- optimize
+def _config_from_flags(config: Optional[Path], overrides: dict, sets: list[str]):
+    from picaco.config import load_config, parse_override
+
+    merged = {k: v for k, v in overrides.items() if v is not None}
+    for item in sets:
+        key, value = parse_override(item)
+        merged[key] = value
+    return load_config(config, merged)
+
+
+def print_accounting(accounting_json: dict) -> None:
+    table = Table("role", "calls", "cache hits", "prompt tok", "completion tok", "seconds", "retries", title="model calls")
+    for role, s in accounting_json.items():
+        table.add_row(role, f"{s['calls']:,}", f"{s['cache_hits']:,}", f"{s['prompt_tokens']:,}",
+                      f"{s['completion_tokens']:,}", f"{s['seconds']:.1f}", str(s.get("retries", 0)))
+    err.print(table)
+
+
+@app.command()
+def optimize(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see `picaco init`)."),
+    values: Optional[str] = typer.Option(None, help="Value set name or YAML path."),
+    queries: Optional[str] = typer.Option(None, help="Query set name (hh, schwartz) or JSONL/CSV path."),
+    preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory; rerun with the same one to resume."),
+    target_model: Optional[str] = typer.Option(None, help="Target model (embedded name/path or served model)."),
+    optimizer_model: Optional[str] = typer.Option(None, help="Optimizer model."),
+    mode: Optional[str] = typer.Option(None, help="Candidate scoring: auto | likelihood | sampling | proxy."),
+    init_from: Optional[Path] = typer.Option(None, help="Warm start from a run directory or an instruction file."),
+    max_calls: Optional[int] = typer.Option(None, help="Hard cap on model calls (all roles)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Hard cap on tokens (all roles)."),
+    sets: list[str] = typer.Option([], "--set", help="Override any config field: --set optimize.T=5"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(False, "--json", help="Progress events and the result as JSON lines on stdout."),
+) -> None:
+    """Optimize a meta-instruction (system prompt) for a value set.
+
+    Examples:
+      picaco optimize --preset cpu --values helpfulness-4 -o runs/help
+      picaco optimize -c picaco.yaml --set optimize.T=5 --max-calls 20000
+      picaco optimize -o runs/help            # after a crash: resumes where it stopped
+    """
+    from picaco import api
+    from picaco.optimize.progress import make_progress
+
+    overrides = {
+        "values": values, "queries": queries, "preset": preset, "target.model": target_model,
+        "optimizer.model": optimizer_model, "init_from": str(init_from) if init_from else None,
+        "max_calls": max_calls, "max_tokens": max_tokens,
+        "optimize.mode": mode, "cache": False if no_cache else None,
+    }
+    cfg = _config_from_flags(config, overrides, sets)
+    progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
+    result = api.optimize(cfg, run_dir=run_dir, progress=progress)
+    if as_json:
+        print(json.dumps({"event": "result", **result.to_json()}))
+        return
+    if not quiet:
+        print_result(result)
+
+
+def print_result(result) -> None:
+    table = Table("value", "seed", "final", title="mean conformity (1-5) on the optimization queries")
+    seed, final = result.seed_scores, result.final_scores
+    def fmt(x) -> str:
+        return "unscored" if x is None else f"{x:.2f}"
+
+    for vid in final:
+        table.add_row(vid, fmt(seed.get(vid)), fmt(final[vid]))
+    err.print(table)
+    if result.accounting:
+        print_accounting(result.accounting)
+    err.print(f"stopped: {result.stop_reason}; run directory: {result.run_dir}")
+    out.print("\n[bold]optimized instruction[/bold] (" + str(Path(result.run_dir) / "instruction.txt") + "):")
+    out.print(result.instruction, markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------ report, evaluate
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (works while the run is still going)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="HTML file (default RUN_DIR/report.html)."),
+    compare: Optional[Path] = typer.Option(None, help="An evaluation summary.json to chart beside the run."),
+) -> None:
+    """Write a self-contained HTML report of a run, plus its figures as PNG and SVG.
+
+    Example: picaco report runs/demo && xdg-open runs/demo/report.html
+    """
+    from picaco.report import write_report
+
+    if not run_dir.is_dir():
+        raise PicacoError(f"run directory not found: {run_dir}")
+    path = write_report(run_dir, out_path, compare=compare)
+    out.print(f"report: {path}")
+
+
+def _parse_instructions(items: list[str]) -> dict[str, Path]:
+    parsed = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PicacoError(f"--instruction {item!r}: expected NAME=PATH (a .txt file or a run directory)")
+        p = Path(path)
+        if p.is_dir():
+            p = p / "instruction.txt"
+        if not p.is_file():
+            raise PicacoError(f"--instruction {name}: file not found: {p}")
+        parsed[name] = p
+    return parsed
+
+
+def _print_evaluation(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "result", "out_dir": str(result.out_dir), "summary": result.summary}))
+        return
+    md = result.markdown_path
+    if md.exists():
+        out.print(md.read_text(), markup=False, highlight=False)
+    err.print(f"rows written: {result.new_rows}; results: {result.out_dir}")
+
+
+@app.command()
+def evaluate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (roles, values, eval_judge)."),
+    values: Optional[str] = typer.Option(None, help="Value set name or YAML path."),
+    method: list[str] = typer.Option([], "--method", "-m", help="Baseline: Q, Q+IF, URIAL, URIAL+Sum, MP, Modular, OPRO."),
+    instruction: list[str] = typer.Option([], "--instruction", "-i", help="NAME=PATH of an instruction .txt or a run directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory; rerun to resume."),
+    n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    samples: int = typer.Option(1, help="Responses per query per method."),
+    sets: list[str] = typer.Option([], "--set", help="Override any config field: --set eval_judge.type=llm"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Evaluate instructions and baselines side by side on held-out queries.
+
+    Examples:
+      picaco evaluate --values helpfulness-4 -m Q -m Q+IF -i picaco=runs/demo -o evals/demo
+      picaco evaluate -c picaco.yaml -m URIAL -m MP --set eval_judge.type=llm
+    """
+    from picaco.evaluate import evaluate_config_sync
+
+    cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
+    result = evaluate_config_sync(
+        cfg, method, _parse_instructions(instruction), out_dir=out_dir, n_queries=n_queries,
+        samples_per_query=samples,
+    )
+    _print_evaluation(result, as_json)
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config."),
+    values: Optional[str] = typer.Option(None, help="Value set name or YAML path."),
+    methods: str = typer.Option("Q,Q+IF,URIAL,MP,Modular,OPRO,PICACO", help="Comma-separated methods; PICACO is optimized first."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (the PICACO run goes in OUT/picaco-run)."),
+    n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    sets: list[str] = typer.Option([], "--set", help="Override any config field."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Optimize PICACO, then evaluate it against the baselines under the same model, judge and data.
+
+    OPRO gets the same call budget PICACO spent. Everything resumes from the output directory.
+
+    Example: picaco compare --values confucianism-4 -o compare/confucianism
+    """
+    from picaco import api
+    from picaco.evaluate import evaluate_config_sync
+    from picaco.optimize.progress import make_progress
+
+    cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    instructions: dict[str, Path] = {}
+    if "PICACO" in names:
+        run_dir = out_dir / "picaco-run"
+        progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
+        api.optimize(cfg, run_dir=run_dir, progress=progress)
+        instructions["PICACO"] = run_dir / "instruction.txt"
+    result = evaluate_config_sync(cfg, names, instructions, out_dir=out_dir / "eval", n_queries=n_queries)
+    _print_evaluation(result, as_json)
+
+
 def _fail(message: str, code: int) -> None:
     # Plain write, not rich: the message must stay one line whatever the terminal width.
     sys.stderr.write(f"error: {message}\n")

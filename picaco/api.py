@@ -1,0 +1,92 @@
+"""The Python API: everything the command line does, callable from code.
+
+    from picaco import api
+    from picaco.config import load_config
+
+    config = load_config("picaco.yaml")          # or RunConfig(values="confucianism-4", preset="tiny")
+    result = api.optimize(config, run_dir="runs/confucianism")
+    print(result.instruction)
+
+The CLI adds nothing these functions cannot do: it parses flags into a `RunConfig`, picks a progress
+display and prints the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from picaco.config import RunConfig
+from picaco.data.queries import Query, load_queries
+from picaco.errors import ConfigError
+from picaco.runtime import Runtime
+from picaco.values import ValueSet, load_value_set
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stem = Path(config.values).stem if config.values.endswith((".yaml", ".yml")) else config.values
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_inputs(config: RunConfig, split: str = "train") -> tuple[ValueSet, list[Query]]:
+    """The value set and the queries of one split (the set's family query set unless one is named)."""
+    value_set = load_value_set(config.values)
+    source = config.queries
+    if source is None:
+        if value_set.family not in ("hh", "schwartz"):
+            raise ConfigError(
+                f"value set {value_set.name!r} has family {value_set.family!r}: name a query file with `queries:`"
+            )
+        source = value_set.family
+    return value_set, load_queries(source, split)
+
+
+def build_redundancy(value_set: ValueSet):
+    from picaco.embeddings import Embedder
+    from picaco.redundancy import RedundancyModel
+
+    return RedundancyModel(Embedder(), value_set)
+
+
+async def optimize_async(
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    progress=None,
+    runtime: Runtime | None = None,
+):
+    """Run (or resume) a PICACO optimization; returns the engine's `OptimizeResult`."""
+    from picaco.optimize import optimize as run_engine
+
+    value_set, queries = load_inputs(config, "train")
+    params = config.params()
+    run_dir = Path(run_dir) if run_dir is not None else (config.run_dir or default_run_dir(config))
+    own_runtime = runtime is None
+    rt = runtime or Runtime(config)
+    try:
+        proxy = rt.client("proxy", config.optimizer) if params.mode == "proxy" else None
+        return await run_engine(
+            target=rt.client("target"),
+            optimizer=rt.client("optimizer"),
+            judge=rt.judge("judge"),
+            redundancy=build_redundancy(value_set),
+            value_set=value_set,
+            queries=queries,
+            params=params,
+            run_dir=run_dir,
+            seed_instruction=config.seed_instruction,
+            init_from=config.init_from,
+            proxy=proxy,
+            progress=progress,
+            budget=rt.budget,
+            config=config,
+        )
+    finally:
+        if own_runtime:
+            await rt.aclose()
+
+
+def optimize(config: RunConfig, **kwargs):
+    """Synchronous wrapper of :func:`optimize_async`."""
+    return asyncio.run(optimize_async(config, **kwargs))

@@ -1,0 +1,72 @@
+"""The Markdown rendering of an evaluation summary (summary.json -> summary.md)."""
+
+from __future__ import annotations
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci, fmt=_f) -> str:
+    return "" if not ci else f" [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def markdown_summary(summary: dict) -> str:
+    methods = summary["methods"]
+    values = summary.get("values", {})
+    baseline = summary.get("baseline")
+    lines = [f"# Evaluation: {summary['value_set']['name']}", ""]
+    for w in summary.get("warnings", []):
+        lines += [f"> **WARNING:** {w}", ""]
+    judge = summary.get("judge", {})
+    lines += [
+        f"{summary['queries']['n']} held-out queries × {summary['sampling']['samples_per_query']} "
+        f"sample(s); judge `{judge.get('kind', '?')}`"
+        + (f" on `{judge['backend'].get('model')}`" if isinstance(judge.get("backend"), dict) else "")
+        + f"; {int(100 * summary['settings']['confidence'])}% bootstrap intervals over queries "
+        f"({summary['settings']['n_boot']} resamples, seed {summary['settings']['seed']}).",
+        "",
+        "| method | mean conformity (1–5) | lowest value | CV ↓ | dropped-value ↓ | fake alignment ↓ | "
+        f"win vs {baseline or 'bare'} | unscored | calls/query |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in methods.items():
+        ci = s.get("ci", {})
+        low = f"{_f(s['lowest'])} ({values.get(s['lowest_value'], s['lowest_value'] or '–')})"
+        lines.append(
+            f"| {name} | {_f(s['mean'])}{_ci(ci.get('mean'))} | {low} | {_f(s['cv'])}{_ci(ci.get('cv'))} | "
+            f"{_pct(s['dropped_share'])} | {_pct(s['fake_rate'])} | "
+            f"{_pct(s['win_rate'])}{_ci(ci.get('win_rate'), _pct)} | {s['unscored']['total']} | "
+            f"{s.get('calls_per_query', '–')} |"
+        )
+    ids = list(values)
+    lines += ["", "Per-value mean conformity:", "",
+              "| method | " + " | ".join(values[v] for v in ids) + " |",
+              "|---|" + "---|" * len(ids)]
+    for name, s in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_f(s["per_value"].get(v)) for v in ids) + " |")
+    fr = summary.get("friedman", {})
+    lines += [""]
+    if fr.get("statistic") is not None:
+        lines.append(
+            f"Friedman test over {fr['n_queries']} queries: χ² = {_f(fr['statistic'])}, "
+            f"p = {fr['p_value']:.4g}, Kendall's W = {_f(fr['kendalls_w'])}."
+        )
+    elif fr.get("note"):
+        lines.append(f"Friedman test: {fr['note']}.")
+    if fr.get("mean_ranks"):
+        ranks = ", ".join(f"{k} {_f(v, 2)}" for k, v in sorted(fr["mean_ranks"].items(), key=lambda kv: kv[1]))
+        lines.append(f"Mean rank (1 = best): {ranks}.")
+    if fr.get("pairs"):
+        lines += ["", "Pairwise Wilcoxon signed-rank tests (Holm-adjusted):", "",
+                  "| a | b | n | median a−b | p | p (Holm) |", "|---|---|---|---|---|---|"]
+        for p in fr["pairs"]:
+            lines.append(
+                f"| {p['a']} | {p['b']} | {p['n']} | {_f(p['median_difference'])} | "
+                f"{_f(p['p_value'], 4)} | {_f(p['p_holm'], 4)} |"
+            )
+    return "\n".join(lines) + "\n"

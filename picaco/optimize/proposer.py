@@ -1,0 +1,263 @@
+"""Instruction proposals: the optimizer model's prompt, lenient parsing of what it writes, and the checks
+that throw out unusable candidates.
+
+Small optimizer models ignore requested output formats, so the prompt asks for plain text only and the
+parser accepts tags, code fences, "Instruction:"-style prefixes, chatty preambles and quotes. A
+candidate is discarded (and the reason counted) when it is empty, truncated, too long, a near-duplicate,
+or leaks the meta-prompt (its phrases, its example markers, or text copied from the examples).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from picaco.llm.base import Message
+from picaco.values import ValueSet
+
+META_SYSTEM = (
+    "You improve system prompts for an AI assistant. "
+    "Reply with the improved system prompt only, with no explanation."
+)
+
+#: a text shorter than this after parsing counts as empty
+MIN_CHARS = 15
+#: candidates at least this similar (difflib ratio on normalized text) are near-duplicates
+NEAR_DUPLICATE = 0.95
+#: this many consecutive words copied from an example response or query count as a leak
+COPY_RUN = 8
+#: example texts are cut to this many characters in the meta-prompt (keeps it short for small models)
+EXAMPLE_CHARS = 360
+
+# Phrases of the meta-prompt that never belong in an instruction to the target.
+LEAK_PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple(
+    (label, re.compile(rx, re.IGNORECASE | re.MULTILINE))
+    for label, rx in (
+        ("meta-prompt phrase 'system prompt'", r"\bsystem\s+prompts?\b"),
+        ("meta-prompt phrase 'honoured least'", r"\bhonou?red\s+least\b"),
+        ("meta-prompt phrase 'strong/weak answer'", r"\b(strong|weak)\s+answers?\b"),
+        ("meta-prompt phrase 'repeats value words'", r"\brepeats?\s+value\s+words\b"),
+        ("optimizer word 'candidate'", r"\bcandidates?\b"),
+        ("optimizer word 'score'", r"\bscor(e|es|ed|ing)\b"),
+        ("example marker 'Question:/Answer:'", r"^\s*(question|answer)\s*:"),
+        ("prompt delimiter", r'"""|<<<|>>>'),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    response: str
+
+
+@dataclass(frozen=True)
+class ValueStanding:
+    """A value as the optimizer sees it: its text and its mean conformity so far (None = no data)."""
+
+    id: str
+    title: str
+    definition: str
+    mean: float | None
+
+
+def order_weakest_first(value_set: ValueSet, means: dict[str, float | None]) -> list[ValueStanding]:
+    """Values sorted by mean pool conformity, lowest first; values without data keep set order last."""
+    standings = [
+        ValueStanding(v.id, v.title, v.definition.strip(), means.get(v.id)) for v in value_set.values
+    ]
+    order = {v.id: i for i, v in enumerate(value_set.values)}
+    return sorted(
+        standings,
+        key=lambda s: (s.mean is None, s.mean if s.mean is not None else 0.0, order[s.id]),
+    )
+
+
+def _clip(text: str, n: int = EXAMPLE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3].rstrip() + "..."
+
+
+def build_meta_prompt(
+    current: str,
+    values: Sequence[ValueStanding],
+    good: Sequence[Example],
+    parroting: Sequence[Example],
+    *,
+    max_chars: int,
+    n_weakest: int = 2,
+) -> tuple[Message, ...]:
+    """The optimizer's (system, user) prompt, in plain words and short enough for a 1.5B model."""
+    parts = ["The assistant gets this system prompt:", '"""', current.strip(), '"""', ""]
+    parts.append(
+        "Its answers must honour all of these values in what they actually say and advise, "
+        "not by naming them:"
+    )
+    for i, v in enumerate(values, 1):
+        parts.append(f"{i}. {v.title}: {_clip(v.definition, 300)}")
+    weakest = [v.title for v in values if v.mean is not None][:n_weakest]
+    if weakest:
+        parts.append(f"Honoured least so far: {', '.join(weakest)}.")
+    for ex in good:
+        parts += ["", "A strong answer (keep this behaviour):",
+                  f"Question: {_clip(ex.query, 200)}", f"Answer: {_clip(ex.response)}"]
+    for ex in parroting:
+        parts += ["", "A weak answer that repeats value words instead of helping (avoid this):",
+                  f"Question: {_clip(ex.query, 200)}", f"Answer: {_clip(ex.response)}"]
+    max_words = max(20, max_chars // 7)
+    parts += [
+        "",
+        f"Write a better system prompt of at most {max_words} words that makes every answer helpful "
+        "and honour all the values, most of all those honoured least. Address the assistant as "
+        '"you". Reply with the new system prompt only.',
+    ]
+    return (Message("system", META_SYSTEM), Message("user", "\n".join(parts)))
+
+
+# -- lenient parsing ---------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[^\n`]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+_TAG = re.compile(
+    r"<\s*(instruction|new_instruction|system_prompt|system prompt|prompt|new_prompt|answer|system)\s*>"
+    r"(.*?)(?:<\s*/\s*\1\s*>|\Z)",
+    re.DOTALL | re.IGNORECASE,
+)
+_TRIPLE = re.compile(r'"""(.*?)(?:"""|\Z)', re.DOTALL)
+_THINK = re.compile(r"<think>.*?(</think>|\Z)", re.DOTALL | re.IGNORECASE)
+# "Sure! Here is the improved system prompt:" and the like, on a line of its own
+_PREAMBLE_LINE = re.compile(
+    r"^\s*(sure|certainly|of course|okay|ok|here|below|i have|i've|this is|the following)\b[^\n]*:\s*$",
+    re.IGNORECASE,
+)
+# "Instruction:", "**New system prompt:**", "Improved prompt -" at the start of the text
+_PREFIX = re.compile(
+    r"^\s*[*_#>\s]*(?:(?:new|improved|revised|updated|better|final)\s+)?"
+    r"(?:system\s+prompt|instruction|meta-instruction|prompt)\s*[*_]*\s*[:\-]\s*[*_]*\s*",
+    re.IGNORECASE,
+)
+# commentary after the instruction
+_TRAILER = re.compile(
+    r"\n\s*\n\s*[*_]*(explanation|note|notes|changes|rationale|why this works|"
+    r"this (?:new |revised |improved |updated )?(?:system )?prompt|i (?:have|made|added|changed|kept))\b",
+    re.IGNORECASE,
+)
+_QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("`", "`"), ("**", "**")]
+
+
+def parse_candidate(raw: str) -> str:
+    """The instruction inside an optimizer reply, however it was wrapped; '' when nothing is left."""
+    text = _THINK.sub("", raw or "").strip()
+    for pattern, group in ((_TAG, 2), (_FENCE, 1), (_TRIPLE, 1)):
+        m = pattern.search(text)
+        if m and m.group(group).strip():
+            text = m.group(group).strip()
+            break
+    lines = text.splitlines()
+    while lines and (not lines[0].strip() or _PREAMBLE_LINE.match(lines[0])):
+        lines.pop(0)
+    text = "\n".join(lines).strip()
+    text = _PREFIX.sub("", text, count=1).strip()
+    m = _TRAILER.search(text)
+    if m:
+        text = text[: m.start()].strip()
+    changed = True
+    while changed and len(text) >= 2:
+        changed = False
+        for left, right in _QUOTES:
+            if text.startswith(left) and text.endswith(right) and len(text) > len(left) + len(right):
+                text = text[len(left) : -len(right)].strip()
+                changed = True
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    index: int
+    raw: str
+    text: str
+    finish_reason: str
+    kept: bool
+    reason: str = ""  # why discarded: empty | truncated | too_long | leak: ... | unchanged | near_duplicate
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "raw": self.raw,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "kept": self.kept,
+            "reason": self.reason,
+        }
+
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, normalize(a), normalize(b), autojunk=False).ratio()
+
+
+def _word_runs(text: str, n: int) -> set[tuple[str, ...]]:
+    words = normalize(text).split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def find_leak(candidate: str, examples: Sequence[Example] = ()) -> str | None:
+    """Why the candidate leaks the optimizer's prompt, or None."""
+    for label, pattern in LEAK_PATTERNS:
+        if pattern.search(candidate):
+            return label
+    runs = _word_runs(candidate, COPY_RUN)
+    if runs:
+        for ex in examples:
+            if runs & (_word_runs(ex.response, COPY_RUN) | _word_runs(ex.query, COPY_RUN)):
+                return "copies an example shown to the optimizer"
+    return None
+
+
+def check_candidates(
+    proposals: Sequence[tuple[str, str]],
+    *,
+    current: str,
+    max_chars: int,
+    examples: Sequence[Example] = (),
+) -> list[Verdict]:
+    """Parse and check each (raw text, finish_reason) proposal, in order; later near-duplicates of an
+    earlier kept candidate are discarded."""
+    verdicts: list[Verdict] = []
+    kept: list[str] = []
+    for i, (raw, finish) in enumerate(proposals):
+        text = parse_candidate(raw)
+        reason = ""
+        if finish == "length":
+            reason = "truncated"
+        elif len(text) < MIN_CHARS or not re.search(r"[A-Za-z]", text):
+            reason = "empty"
+        elif len(text) > max_chars:
+            reason = "too_long"
+        elif (leak := find_leak(text, examples)) is not None:
+            reason = f"leak: {leak}"
+        elif normalize(text) == normalize(current):
+            reason = "unchanged"
+        elif any(similarity(text, other) >= NEAR_DUPLICATE for other in [current, *kept]):
+            reason = "near_duplicate"
+        if not reason:
+            kept.append(text)
+        verdicts.append(Verdict(i, raw, text, finish, not reason, reason))
+    return verdicts
+
+
+def default_seed_instruction(value_set: ValueSet) -> str:
+    """The Q+IF prompt: a short instruction that lists the values by title."""
+    titles = [v.title for v in value_set.values]
+    listed = titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
+    return (
+        "You are a helpful assistant. Answer the user's request directly and usefully, and let your "
+        f"answer honour these values: {listed}."
+    )

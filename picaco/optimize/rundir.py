@@ -1,0 +1,192 @@
+"""The run directory: the single source of truth of a run's progress.
+
+Layout::
+
+    config.json        resolved configuration (no secrets) and the fingerprint checked on resume
+    events.jsonl       every phase boundary (start, end, resume, stop)
+    responses.jsonl    every sampled response with its per-value scores, q_phi and f
+    candidates.jsonl   every proposal (raw text, verdict) and every instruction score, per round
+    rounds.jsonl       per round: chosen instruction, objective, per-value means
+    pools/round-NN.json  the pools after round NN's enhancement (for reading; rebuilt from responses)
+    accounting.json    calls and tokens per role, summed over every process that worked on the run
+    result.json        written when the run ends (also after a budget stop)
+    instruction.txt    the optimized system prompt, plain text
+    provenance.json    where it came from: values, models, judge, config hash, seed vs final scores
+
+JSONL files are append-only; every record is flushed and fsynced before the call returns, so a kill
+loses at most the record being written. On open, a partial last line (no trailing newline) is cut
+off before anything new is appended. Whole-file outputs are written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from picaco.errors import ConfigError, DataError
+
+JSONL_FILES = ("events.jsonl", "responses.jsonl", "candidates.jsonl", "rounds.jsonl")
+
+
+def _dumps(obj) -> str:
+    # allow_nan=False: a NaN or infinity in a record is a bug and must not be written silently
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, allow_nan=False)
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- opening ---------------------------------------------------------------------------------
+    def open(self, config: dict) -> bool:
+        """Create the run directory, or check that it belongs to the same configuration.
+
+        `config["fingerprint"]` holds everything that changes results; on resume it must equal the
+        stored one. Returns True when an earlier run is resumed.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "pools").mkdir(exist_ok=True)
+        self._lock()
+        stored = self.read_json("config.json")
+        if stored is None:
+            if any((self.path / name).exists() for name in JSONL_FILES):
+                raise ConfigError(
+                    f"{self.path} holds run records but no config.json: not a picaco run directory "
+                    "(or a damaged one); use a new run directory"
+                )
+            self.write_json("config.json", config)
+            for name in JSONL_FILES:
+                (self.path / name).touch()
+            return False
+        differences = diff_fingerprints(stored.get("fingerprint", {}), config["fingerprint"])
+        if differences:
+            raise ConfigError(
+                f"{self.path} was started with a different configuration ({'; '.join(differences)}); "
+                "use a new run directory or the original settings"
+            )
+        for name in JSONL_FILES:
+            self._drop_partial_tail(self.path / name)
+        return True
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; a second process is the user's problem
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{self.path} is in use by another picaco process") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    @staticmethod
+    def _drop_partial_tail(path: Path) -> None:
+        if not path.exists():
+            path.touch()
+            return
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1  # 0 when the only line is partial
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- records ---------------------------------------------------------------------------------
+    def append(self, name: str, record: dict) -> None:
+        line = _dumps(record) + "\n"
+        with open(self.path / name, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self, name: str) -> list[dict]:
+        """Every complete record of a JSONL file; a partial last line (a kill mid-write) is ignored."""
+        path = self.path / name
+        if not path.exists():
+            return []
+        out = []
+        lines = path.read_text(encoding="utf-8").split("\n")
+        # the element after the last newline is '' for a complete file, else a partial record
+        for lineno, line in enumerate(lines[:-1], 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{lineno}: damaged record in the middle of the file") from None
+        return out
+
+    # -- whole files -----------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> None:
+        self.write_text(name, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True,
+                                         allow_nan=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprint dicts (nested dicts are walked)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_fingerprints(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def read_final_instruction(run_dir: Path | str) -> str:
+    """The instruction an earlier run ended with (for warm starts): instruction.txt, else the last
+    chosen instruction in rounds.jsonl."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"init_from: {path} is not a run directory")
+    txt = path / "instruction.txt"
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    rounds = RunDir(path).records("rounds.jsonl")
+    if rounds:
+        return rounds[-1]["instruction"]
+    raise ConfigError(f"init_from: {path} has no instruction.txt and no finished round")

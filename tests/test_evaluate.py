@@ -1,0 +1,286 @@
+"""The evaluation harness on the fake backend with a simple deterministic judge: rows, summary,
+resume, settings checks, the same-judge flag, and the config entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from picaco.baselines import Bare, Instruction, Persona, ValuesInstruction
+from picaco.config import JudgeConfig, RoleConfig, RunConfig
+from picaco.data.queries import Query
+from picaco.errors import ConfigError
+from picaco.evaluate import evaluate
+from picaco.evaluate.run import evaluate_config
+from picaco.judge.base import ValueScore
+from picaco.llm.base import GenerateRequest
+from picaco.llm.client import LLMClient
+from picaco.llm.fake import FakeBackend
+from picaco.redundancy import RedundancyModel
+from picaco.runtime import Runtime
+from picaco.values import ValueSet, load_value_set
+
+VALUES = ValueSet.model_validate({
+    "name": "two",
+    "values": [
+        {"id": "care", "title": "Care", "definition": "Look after the wellbeing of the user."},
+        {"id": "truth", "title": "Truth", "definition": "Say only what is accurate and supported."},
+    ],
+})
+QUERIES = [Query(id=f"q{i}", text=f"What should I do about problem {i}?", split="test") for i in range(4)]
+
+
+class WordEmbedder:
+    """Bag-of-words vectors hashed into 64 dimensions, L2-normalized: deterministic and fast."""
+
+    def embed(self, texts):
+        out = np.zeros((len(texts), 64))
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms == 0, 1, norms)
+
+
+class WordJudge:
+    """Rates a value 4 when the response names it, else 2; 'truth' is unscored on responses that
+    contain 'garbled'."""
+
+    name = "word"
+
+    def __init__(self, version: int = 1):
+        self.version = version
+        self.calls = 0
+
+    def identity(self) -> dict:
+        return {"kind": "word", "version": self.version}
+
+    async def score(self, value_set, items):
+        self.calls += len(items)
+        out = []
+        for _, response in items:
+            scores = {}
+            for v in value_set.values:
+                if v.id == "truth" and "garbled" in response:
+                    scores[v.id] = ValueScore.unscored(v.id, "unparsed")
+                else:
+                    scores[v.id] = ValueScore.from_rating(v.id, 4.0 if v.title.lower() in response.lower() else 2.0)
+            out.append(scores)
+        return out
+
+
+def echo(request: GenerateRequest) -> str:
+    """The target repeats its system prompt's first line (if any) and the query's last word."""
+    system = request.messages[0].content.splitlines()[0] if request.messages[0].role == "system" else ""
+    return f"{system} answer {request.messages[-1].content.split()[-1]} s{request.seed}".strip()
+
+
+def setup(tmp_path, judge=None):
+    backend = FakeBackend(responder=echo)
+    target = LLMClient("target", backend)
+    return dict(
+        target=target, judge=judge or WordJudge(), redundancy=RedundancyModel(WordEmbedder(), VALUES),
+        value_set=VALUES, queries=QUERIES, out_dir=tmp_path / "eval", n_boot=200,
+    ), backend
+
+
+def methods():
+    return [Bare(), ValuesInstruction(), Instruction("Care and Truth matter: be careful.", "picaco")]
+
+
+def test_rows_summary_and_markdown(tmp_path):
+    kw, backend = setup(tmp_path)
+    res = asyncio.run(evaluate(methods(), **kw))
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and res.new_rows == 12 and backend.generate_calls == 12
+    row = next(r for r in rows if r["method"] == "picaco" and r["query_id"] == "q2")
+    assert row["response"] == "Care and Truth matter: be careful. answer 2? s0"
+    assert row["ratings"] == {"care": 4.0, "truth": 4.0}
+    expected_q = RedundancyModel(WordEmbedder(), VALUES).score([(row["query"], row["response"])])[0]
+    assert row["q_phi"] == pytest.approx(expected_q.q) and row["cos_xy"] == pytest.approx(expected_q.cos_xy)
+    s = res.summary["methods"]
+    # Q names no value (2, 2); Q+IF's first line names neither title either; picaco names both (4, 4)
+    assert (s["Q"]["mean"], s["Q+IF"]["mean"], s["picaco"]["mean"]) == (2.0, 2.0, 4.0)
+    assert s["picaco"]["win_rate"] == 1.0 and s["Q+IF"]["win_rate"] == 0.5 and s["Q"]["win_rate"] is None
+    assert s["picaco"]["ci"]["mean"] == [4.0, 4.0]
+    assert res.summary["friedman"]["n_queries"] == 4 and res.summary["friedman"]["statistic"] is not None
+    assert res.summary["same_judge"] == [] and res.summary["warnings"] == []
+    described = json.loads((tmp_path / "eval" / "methods.json").read_text())
+    assert described["picaco"]["system_prompt"] == "Care and Truth matter: be careful."
+    md = res.markdown_path.read_text()
+    assert "| picaco | 4.000 [4.000, 4.000] |" in md and "Friedman test over 4 queries" in md
+
+
+def test_resume_skips_written_rows_and_redoes_a_partial_one(tmp_path):
+    kw, backend = setup(tmp_path)
+    first = asyncio.run(evaluate(methods(), **kw))
+    again = asyncio.run(evaluate(methods(), **kw))
+    assert again.new_rows == 0 and backend.generate_calls == 12  # no call made: rows are the record
+    def metrics_of(summary):  # everything but the requests each process issued
+        return {k: {f: v for f, v in m.items() if f != "requests_this_run"} for k, m in summary["methods"].items()}
+
+    assert metrics_of(again.summary) == metrics_of(first.summary)
+    assert first.summary["methods"]["Q"]["requests_this_run"] == 4 and again.summary["methods"]["Q"]["requests_this_run"] == 0
+    samples = tmp_path / "eval" / "samples.jsonl"
+    data = samples.read_bytes()
+    samples.write_bytes(data[:-25])  # a kill in the middle of writing the last row
+    third = asyncio.run(evaluate(methods(), **kw))
+    assert third.new_rows == 1 and backend.generate_calls == 13
+    assert samples.read_bytes() == data  # the same row, regenerated
+    # a new method in the same directory adds only its own rows
+    fourth = asyncio.run(evaluate([*methods(), Persona()], **kw))
+    assert fourth.new_rows == 4 and set(fourth.summary["methods"]) == {"Q", "Q+IF", "picaco", "MP"}
+
+
+def test_more_samples_extend_existing_rows(tmp_path):
+    kw, backend = setup(tmp_path)
+    asyncio.run(evaluate([Bare()], **kw))
+    res = asyncio.run(evaluate([Bare()], **kw, samples_per_query=2))
+    assert res.new_rows == 4 and backend.generate_calls == 8
+    seeds = {json.loads(l)["response"].split()[-1] for l in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()}
+    assert seeds == {"s0", "s1"}  # sample j uses seed + j
+
+
+def test_changed_settings_or_prompts_are_refused(tmp_path):
+    kw, _ = setup(tmp_path)
+    asyncio.run(evaluate(methods(), **kw))
+    with pytest.raises(ConfigError, match="sampling"):
+        asyncio.run(evaluate(methods(), **{**kw, "temperature": 0.1}))
+    with pytest.raises(ConfigError, match="judge"):
+        asyncio.run(evaluate(methods(), **{**kw, "judge": WordJudge(version=2)}))
+    with pytest.raises(ConfigError, match="sends different prompts"):
+        asyncio.run(evaluate([Instruction("Something else entirely.", "picaco")], **kw))
+    with pytest.raises(ConfigError, match="unique"):
+        asyncio.run(evaluate([Bare(), Bare()], **kw))
+
+
+def test_same_judge_is_flagged_loudly(tmp_path):
+    kw, _ = setup(tmp_path)
+    judge = kw["judge"]
+    tuned = Instruction("Care and Truth.", "picaco", optimized_against=judge.identity())
+    other = Instruction("Truth and Care.", "elsewhere", optimized_against={"kind": "word", "version": 9})
+    res = asyncio.run(evaluate([Bare(), tuned, other], **kw))
+    assert res.summary["same_judge"] == ["picaco"]
+    assert any(w.startswith("SAME JUDGE: picaco was optimized against the evaluation judge") for w in res.summary["warnings"])
+    assert "> **WARNING:** SAME JUDGE" in res.markdown_path.read_text()
+
+
+def test_unscored_values_are_counted_and_warned(tmp_path):
+    kw, _ = setup(tmp_path)
+    res = asyncio.run(evaluate([Instruction("garbled care", "g")], **kw, baseline=None))
+    s = res.summary["methods"]["g"]
+    assert s["unscored"] == {"total": 4, "share": 0.5, "per_value": {"care": 0, "truth": 4}}
+    assert s["per_value"] == {"care": 4.0, "truth": None} and s["mean"] == 4.0
+    assert any("50% of value ratings are unscored" in w for w in res.summary["warnings"])
+
+
+# -- the config entry point -----------------------------------------------------------------------
+
+
+def test_evaluate_config_builds_roles_and_flags_the_shared_judge(tmp_path):
+    config = RunConfig(
+        values="helpfulness-4", preset="tiny",
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
+    (run_dir / "accounting.json").write_text(json.dumps({"total": {"calls": 60, "cache_hits": 0}}))
+    rt = Runtime(config, use_cache=False)
+    res = asyncio.run(evaluate_config(
+        config, ["Q", "OPRO"], {"picaco": run_dir}, out_dir=tmp_path / "eval", n_queries=2,
+        n_boot=100, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), load_value_set("helpfulness-4")),
+    ))
+    asyncio.run(rt.aclose())
+    s = res.summary
+    assert list(s["methods"]) == ["Q", "OPRO", "picaco"]
+    assert s["queries"]["ids"] == ["hh-0001", "hh-0002"]  # the first test-split queries
+    # no eval_judge configured: the optimization judge evaluates, and both optimized methods are flagged
+    assert s["same_judge"] == ["OPRO", "picaco"]
+    assert s["sampling"]["max_tokens"] == config.params().max_new_tokens
+    opro = json.loads((tmp_path / "eval" / "opro" / "result.json").read_text())
+    assert opro["max_calls"] == 60 and opro["spent"] <= 60
+    assert s["accounting"]["optimizer"]["calls"] >= 1
+
+
+# -- the real path: SmolLM2 behind a real llama.cpp server, MiniLM for q_φ ---------------------------
+
+
+TWO_HH_VALUES = """
+name: hh-2
+family: hh
+extends: helpfulness-4
+values: [relevance, clarity]
+"""
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_real_model_evaluation_end_to_end_and_resume(tmp_path, smollm2_path, minilm_dir):
+    from support.llama_server import llama_server
+
+    from picaco.embeddings import Embedder
+
+    values_file = tmp_path / "hh-2.yaml"
+    values_file.write_text(TWO_HH_VALUES)
+    with llama_server(smollm2_path, n_ctx=1024, extra_args=["--verbose", "False"]) as srv:
+        role = dict(backend="openai", base_url=srv.base_url, model=srv.model, max_in_flight=2, timeout=600)
+        config = RunConfig(
+            values=str(values_file), preset="tiny", cache=False,
+            target=RoleConfig(**role), optimizer=RoleConfig(**role), judge=JudgeConfig(type="llm", **role),
+        )
+        value_set = load_value_set(values_file)
+
+        async def evaluate_and_close():
+            rt = Runtime(config, use_cache=False)
+            try:
+                res = await evaluate_config(
+                    config, ["Q", "Q+IF", "Modular"], out_dir=tmp_path / "eval", n_queries=2,
+                    max_tokens=12, n_boot=200, runtime=rt,
+                    redundancy=RedundancyModel(Embedder(minilm_dir), value_set),
+                )
+            finally:
+                await rt.aclose()  # in the loop that opened the HTTP connections
+            return res, rt.accounting.to_json()
+
+        def once():
+            return asyncio.run(evaluate_and_close())
+
+        first, acct = once()
+        rows = [json.loads(l) for l in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+        # 2 queries x (1 + 1 + (2 drafts + 1 merge)) target calls
+        assert acct["target"]["calls"] == 2 * 5
+        # 2 values per response, each one call plus a bounded number of retries when unparsed
+        assert 6 * 2 <= acct["eval_judge"]["calls"] <= 6 * 2 * 3
+        assert len(rows) == 6 and all(r["response"] for r in rows)
+        assert all(0 < r["q_phi"] < 1 for r in rows)
+        scored = [v for r in rows for v in r["ratings"].values() if v is not None]
+        assert scored and all(1 <= v <= 5 for v in scored)
+        s = first.summary
+        assert s["judge"]["backend"]["model"] == srv.model and s["methods"]["Modular"]["calls_per_query"] == 3
+        assert set(s["methods"]) == {"Q", "Q+IF", "Modular"}
+        modular = json.loads((tmp_path / "eval" / "methods.json").read_text())["Modular"]
+        assert set(modular["draft_system_prompts"]) == {"relevance", "clarity"}
+        second, acct_again = once()
+        assert acct_again["total"]["calls"] == 0 and second.new_rows == 0  # resumed from the rows
+
+
+def test_a_second_process_on_the_same_directory_is_refused(tmp_path):
+    from picaco.evaluate.harness import _Store
+
+    kw, _ = setup(tmp_path)
+    asyncio.run(evaluate([Bare()], **kw))
+    state = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    holder = _Store(tmp_path / "eval", {k: v for k, v in state.items() if k != "methods"})
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            asyncio.run(evaluate([Bare()], **kw))
+    finally:
+        holder.close()
+    assert asyncio.run(evaluate([Bare()], **kw)).new_rows == 0  # released

@@ -1,0 +1,862 @@
+"""Logic of the optimizer on the deterministic fake backend: pools, proposal parsing, the leak check,
+mode selection, candidate scoring with hand-computed numbers, the budget cap, resume after a kill,
+warm starts and the run directory. (The real-model run is in test_optimize_e2e.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from picaco.data.queries import Query
+from picaco.errors import BudgetExhausted, ConfigError, DataError
+from picaco.judge.base import ValueScore
+from picaco.llm.accounting import Accounting, Budget
+from picaco.llm.base import Capabilities, CapabilityMissing, GenerateRequest, Message
+from picaco.llm.client import LLMClient
+from picaco.llm.fake import FakeBackend, default_responder
+from picaco.optimize import (
+    ListProgress,
+    OptimizeParams,
+    PRESETS,
+    estimate,
+    instruction_hash,
+    optimize,
+    select_mode,
+)
+from picaco.optimize import proposer
+from picaco.optimize.pools import Pools, Scored
+from picaco.optimize.rundir import RunDir
+from picaco.optimize.scoring import likelihood_score, sampling_score
+from picaco.values import Value, ValueSet
+
+# -- fixtures and fakes ----------------------------------------------------------------------------
+
+VALUES = ValueSet(
+    name="test-3",
+    values=(
+        Value(id="care", title="Care", definition="Look after the wellbeing of the people involved."),
+        Value(id="honesty", title="Honesty", definition="Say what is true and admit what is unknown."),
+        Value(id="caution", title="Caution", definition="Avoid risky advice and mention real dangers.",
+              weight=2.0),
+    ),
+)
+QUERIES = [
+    Query(id="q1", text="How should I tell my friend I cannot lend her money?"),
+    Query(id="q2", text="Is it fine to climb a mountain alone in winter?"),
+    Query(id="q3", text="My boss asked me to hide a defect from a client. What now?"),
+    Query(id="t1", text="A held-out question.", split="test"),
+]
+SMALL = OptimizeParams(
+    n_queries=3, samples_per_query=2, aligned_pool_size=2, noisy_pool_size=2, bare_samples=3,
+    candidates=2, rounds=3, patience=None, max_new_tokens=20, optimizer_max_tokens=60,
+    instruction_max_chars=400, minibatch=2, seed=7,
+)
+
+
+class Killed(Exception):
+    """Stands for a process kill in the middle of a phase."""
+
+
+class Tripwire:
+    """Counts model calls across all fakes and raises Killed at call number `at` (None = never)."""
+
+    def __init__(self, at: int | None = None, only: str | None = None):
+        self.at, self.only = at, only
+        self.counts: dict[str, int] = {}
+
+    def tick(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.only is not None and kind != self.only:
+            return
+        n = self.counts[kind] if self.only else sum(self.counts.values())
+        if self.at is not None and n == self.at:
+            raise Killed(f"killed at {kind} call {n}")
+
+
+def _h(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+class FakeJudge:
+    """A deterministic q_w: a hash of (response, value); every 13th (response, value) is unscored."""
+
+    name = "fake-judge"
+
+    def __init__(self, trip: Tripwire | None = None):
+        self.trip = trip or Tripwire()
+        self.items = 0
+        self.batches = 0
+
+    def identity(self) -> dict:
+        return {"kind": "fake-judge", "version": 1}
+
+    async def score(self, value_set, items):
+        self.trip.tick("judge")
+        self.batches += 1
+        self.items += len(items)
+        out = []
+        for _, response in items:
+            scores = {}
+            for v in value_set.values:
+                h = _h(response, v.id)
+                if h % 13 == 0:
+                    scores[v.id] = ValueScore.unscored(v.id, "unparsed")
+                else:
+                    scores[v.id] = ValueScore.from_prob(v.id, 0.1 + 0.8 * (h % 1000) / 1000)
+            out.append(scores)
+        return out
+
+
+class FakeRedundancy:
+    """log q_phi from word overlap: the share of the response's words that appear in s."""
+
+    def __init__(self):
+        self.items = 0
+
+    def identity(self) -> dict:
+        return {"kind": "fake-redundancy"}
+
+    async def log_redundancy(self, spec, items):
+        self.items += len(items)
+        spec_words = set(spec.lower().split())
+        out = []
+        for _, y in items:
+            words = y.lower().split() or [""]
+            share = sum(w in spec_words for w in words) / len(words)
+            out.append(math.log(0.05 + 0.9 * share))
+        return out
+
+
+_CANDIDATE_TEMPLATES = [
+    "You are a careful assistant. Look after people, tell the truth and warn about dangers.",
+    "Answer plainly. Care about {a}, stay honest about {b}, and be cautious with risky plans.",
+    "Be kind and truthful; when a plan is risky, say so and suggest a safer way about {a}.",
+    "Sure! Here is the improved system prompt:\n\n```\nYou help people. Be honest about {a}.\n```",
+    "<instruction>Think of the wellbeing of everyone involved, {a} and {b}, and be truthful.</instruction>",
+    "Explain the candidate score of each answer.",  # leaks: discarded
+]
+
+
+def optimizer_responder(trip: Tripwire):
+    def respond(request: GenerateRequest) -> str:
+        trip.tick("optimizer")
+        h = _h(json.dumps(request.key_payload(), sort_keys=True))
+        words = ["kindness", "safety", "truth", "friends", "money", "winter", "clients"]
+        return _CANDIDATE_TEMPLATES[h % len(_CANDIDATE_TEMPLATES)].format(
+            a=words[h % 7], b=words[(h // 7) % 7])
+    return respond
+
+
+def target_backend(trip: Tripwire, caps: Capabilities | None = None) -> FakeBackend:
+    def respond(request: GenerateRequest) -> str:
+        trip.tick("target")
+        return default_responder(request)
+
+    def score(messages, response):
+        # per-token log-probabilities that depend on (system prompt, word) through a hash, so that
+        # different instructions prefer different pool responses and candidates do win rounds
+        trip.tick("likelihood")
+        system = messages[0].content if messages[0].role == "system" else ""
+        return [-1.0 - (_h(system, w) % 100) / 100 for w in response.split()] or [-1.0]
+
+    return FakeBackend("fake-target", responder=respond, scorer=score, capabilities=caps)
+
+
+class Setup:
+    """Everything one optimize() call needs, with fresh fakes and counters."""
+
+    def __init__(self, trip: Tripwire | None = None, caps: Capabilities | None = None,
+                 proxy: bool = False):
+        self.trip = trip or Tripwire()
+        self.accounting = Accounting()
+        self.target_backend = target_backend(self.trip, caps)
+        self.optimizer_backend = FakeBackend("fake-optimizer", responder=optimizer_responder(self.trip))
+        self.target = LLMClient("target", self.target_backend, accounting=self.accounting)
+        self.optimizer = LLMClient("optimizer", self.optimizer_backend, accounting=self.accounting)
+        self.proxy_backend = target_backend(self.trip) if proxy else None
+        self.proxy = (LLMClient("proxy", FakeBackend("fake-proxy", scorer=self.proxy_backend.scorer),
+                                accounting=self.accounting) if proxy else None)
+        self.judge = FakeJudge(self.trip)
+        self.redundancy = FakeRedundancy()
+        self.progress = ListProgress()
+
+    def kwargs(self, run_dir: Path, params: OptimizeParams = SMALL, **extra) -> dict:
+        return dict(target=self.target, optimizer=self.optimizer, judge=self.judge,
+                    redundancy=self.redundancy, value_set=VALUES, queries=QUERIES, params=params,
+                    run_dir=run_dir, proxy=self.proxy, progress=self.progress, **extra)
+
+    def run(self, run_dir: Path, params: OptimizeParams = SMALL, **extra):
+        return asyncio.run(optimize(**self.kwargs(run_dir, params, **extra)))
+
+
+def _records(run_dir: Path, name: str) -> list[dict]:
+    return RunDir(run_dir).records(name)
+
+
+def _comparable(result) -> dict:
+    d = result.to_json()
+    for k in ("calls", "accounting", "run_dir", "notes"):
+        d.pop(k)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run, the yardstick of the resume tests."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    s = Setup()
+    result = s.run(run_dir)
+    return run_dir, result, s
+
+
+# -- pools ---------------------------------------------------------------------------------------------
+
+
+def _s(q, text, f, lq=-1.0, rnd=1, sample=0, probs=None):
+    return Scored(q, text, f, lq, probs or {"care": 0.5}, rnd, sample, "h")
+
+
+def test_aligned_pool_keeps_top_m1_across_rounds_and_dedups():
+    pools = Pools(["q"], aligned_size=2, noisy_size=1)
+    pools.merge_aligned([_s("q", "a", -2.0), _s("q", "b", -1.0), _s("q", "c", None),
+                         _s("q", "   ", 5.0)])
+    assert [e.text for e in pools["q"].aligned] == ["b", "a"]  # unscored and empty left out
+    # round 2: "b " is the same text as "b" (whitespace only): not added twice
+    pools.merge_aligned([_s("q", "b ", 3.0, rnd=2), _s("q", "d", -1.5, rnd=2)])
+    assert [e.text for e in pools["q"].aligned] == ["b", "d"]
+    assert pools["q"].aligned[0].f == -1.0
+
+
+def test_pool_ties_do_not_depend_on_record_order():
+    a = [_s("q", "x", -1.0, sample=1), _s("q", "y", -1.0, sample=0), _s("q", "z", -1.0, sample=2)]
+    p1, p2 = Pools(["q"], 2, 0), Pools(["q"], 2, 0)
+    p1.merge_aligned(a)
+    p2.merge_aligned(reversed(a))
+    assert [e.text for e in p1["q"].aligned] == [e.text for e in p2["q"].aligned] == ["y", "x"]
+
+
+def test_noisy_pool_takes_the_most_parroting_bare_responses():
+    pools = Pools(["q"], 2, 2)
+    pools.set_noisy([_s("q", "a", None, lq=-2.0, rnd=0), _s("q", "b", None, lq=-0.1, rnd=0),
+                     _s("q", "c", None, lq=-0.5, rnd=0, sample=1), _s("q", "b", None, lq=-0.1, rnd=0)])
+    assert [e.text for e in pools["q"].noisy] == ["b", "c"]
+
+
+def test_union_marks_texts_in_both_pools():
+    pools = Pools(["q"], 3, 3)
+    pools.merge_aligned([_s("q", "a", -1.0), _s("q", "b", -2.0)])
+    pools.set_noisy([_s("q", "b", None, lq=-0.1, rnd=0), _s("q", "n", None, lq=-0.2, rnd=0)])
+    texts, aligned_f, in_noisy = pools["q"].union()
+    assert texts == ["a", "b", "n"]
+    assert aligned_f == [-1.0, -2.0, None]
+    assert in_noisy == [False, True, True]
+
+
+def test_value_means_and_best():
+    pools = Pools(["q", "r"], 2, 0)
+    pools.merge_aligned([_s("q", "a", -1.0, probs={"care": 0.2, "honesty": None}),
+                         _s("q", "b", -2.0, probs={"care": 0.4, "honesty": 0.6}),
+                         _s("r", "c", -0.5, probs={"care": 0.9, "honesty": 0.8})])
+    means = pools.value_means(["care", "honesty", "caution"])
+    assert means["care"] == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3
+    assert means["honesty"] == pytest.approx(0.7)  # unscored left out: (0.6 + 0.8) / 2
+    assert means["caution"] is None
+    assert [e.text for e in pools.best(2)] == ["c", "a"]  # best per query, by f
+
+
+# -- proposal parsing -----------------------------------------------------------------------------------
+
+CLEAN = "Answer with care for everyone involved, be truthful, and point out real dangers."
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CLEAN,
+        f"<instruction>{CLEAN}</instruction>",
+        f"<prompt>\n{CLEAN}\n</prompt>\nI made it shorter.",
+        f"```\n{CLEAN}\n```",
+        f"```text\n{CLEAN}\n```\n\nExplanation: this version adds caution.",
+        f"Sure! Here is the improved system prompt:\n\n{CLEAN}",
+        f"Instruction: {CLEAN}",
+        f"**New system prompt:** {CLEAN}",
+        f"Improved prompt - {CLEAN}",
+        f'"{CLEAN}"',
+        f"\u201c{CLEAN}\u201d",
+        f"<think>the user wants a prompt</think>\n{CLEAN}",
+        f"{CLEAN}\n\nThis revised prompt keeps every value visible.",
+        f"{CLEAN}\n\nNote: I kept it short.",
+        f'"""\n{CLEAN}\n"""',
+        f"```\n{CLEAN}",  # fence never closed
+    ],
+)
+def test_parse_candidate_recovers_the_instruction(raw):
+    assert proposer.parse_candidate(raw) == CLEAN
+
+
+def test_parse_candidate_keeps_multi_paragraph_instructions():
+    text = "You are a kind assistant.\n\nAlways tell the truth, even when it is unwelcome."
+    assert proposer.parse_candidate(text) == text
+    assert proposer.parse_candidate("") == ""
+    assert proposer.parse_candidate("```\n```") == ""
+
+
+@pytest.mark.parametrize(
+    "text,leak",
+    [
+        ("Rewrite the system prompt so that answers honour values.", "system prompt"),
+        ("Care for people. Candidate answers must be honest.", "candidate"),
+        ("Maximize your score on every value.", "score"),
+        ("Question: how to be honest?\nAnswer: always.", "Question:/Answer:"),
+        ("Be like the strong answer above.", "strong/weak answer"),
+        ("Care for the values honoured least so far.", "honoured least"),
+        ('Be kind """ and honest.', "delimiter"),
+    ],
+)
+def test_leak_check_flags_meta_prompt_text(text, leak):
+    found = proposer.find_leak(text)
+    assert found is not None and leak in found
+
+
+def test_leak_check_flags_copied_example_text_and_passes_clean_instructions():
+    ex = proposer.Example("How do I save money?",
+                          "Start by writing down every expense for one month and then cut the largest")
+    copied = "Be honest. Start by writing down every expense for one month and then decide."
+    assert proposer.find_leak(copied, [ex]) == "copies an example shown to the optimizer"
+    assert proposer.find_leak(CLEAN, [ex]) is None
+    assert proposer.find_leak("Give scores? No: give honest, careful answers.") is not None
+    assert proposer.find_leak("Keep your answers scored by nobody.") is not None
+
+
+def test_check_candidates_discards_and_says_why():
+    current = "You are a helpful assistant. Be honest."
+    proposals = [
+        (CLEAN, "stop"),
+        (CLEAN + " Also", "length"),  # truncated
+        ("   ", "stop"),  # empty
+        ("ok", "stop"),  # too short: empty
+        ("x" * 50 + " be kind", "stop"),  # fine length-wise but see max_chars below
+        ("Be kind. " * 80, "stop"),  # too long
+        ("Tell me the candidate you like.", "stop"),  # leak
+        ("You are a helpful assistant. Be honest.", "stop"),  # unchanged
+        (CLEAN.replace("real dangers", "real danger"), "stop"),  # near-duplicate of the first
+    ]
+    verdicts = proposer.check_candidates(proposals, current=current, max_chars=300)
+    reasons = [v.reason.split(":")[0] for v in verdicts]
+    assert reasons == ["", "truncated", "empty", "empty", "", "too_long", "leak", "unchanged",
+                       "near_duplicate"]
+    assert [v.kept for v in verdicts] == [r == "" for r in reasons]
+
+
+def test_meta_prompt_lists_weakest_values_first_and_stays_short():
+    means = {"care": 0.8, "honesty": 0.3, "caution": None}
+    standings = proposer.order_weakest_first(VALUES, means)
+    assert [s.id for s in standings] == ["honesty", "care", "caution"]
+    msgs = proposer.build_meta_prompt(
+        "Be helpful.", standings, [proposer.Example("Q?", "a good answer")],
+        [proposer.Example("Q2?", "care honesty caution")], max_chars=700)
+    assert msgs[0].role == "system" and msgs[1].role == "user"
+    user = msgs[1].content
+    assert user.index("Honesty") < user.index("Care") < user.index("Caution")
+    assert "Honoured least so far: Honesty, Care." in user
+    assert "at most 100 words" in user
+    assert len(user.split()) < 250
+    # the default seed instruction (Q+IF) lists every value and passes the leak check
+    seed = proposer.default_seed_instruction(VALUES)
+    assert "Care, Honesty and Caution" in seed
+    assert proposer.find_leak(seed) is None
+
+
+# -- mode selection -----------------------------------------------------------------------------------
+
+
+def _client(**caps) -> LLMClient:
+    return LLMClient("target", FakeBackend(capabilities=Capabilities(**caps)))
+
+
+def test_mode_follows_capabilities():
+    lik = _client(continuation_logprobs=True)
+    black_box = _client(continuation_logprobs=False)
+    assert select_mode("auto", lik) == "likelihood"
+    assert select_mode("auto", black_box) == "sampling"
+    assert select_mode("auto", black_box, proxy=lik) == "proxy"
+    assert select_mode("auto", black_box, proxy=_client(continuation_logprobs=False)) == "sampling"
+    assert select_mode("sampling", lik) == "sampling"
+    assert select_mode("proxy", lik, proxy=lik) == "proxy"
+    with pytest.raises(CapabilityMissing, match="log-likelihood of a given response"):
+        select_mode("likelihood", black_box)
+    with pytest.raises(ConfigError, match="needs a proxy"):
+        select_mode("proxy", lik)
+
+
+# -- candidate scoring by hand -----------------------------------------------------------------------
+
+
+def test_likelihood_score_by_hand():
+    pools = Pools(["q"], 2, 1)
+    pools.merge_aligned([_s("q", "good answer", -1.0), _s("q", "meh", -3.0)])
+    pools.set_noisy([_s("q", "parrot text here", None, lq=-0.1, rnd=0)])
+    # per-token log-probs scripted per (system prompt, response)
+    table = {
+        ("A", "good answer"): [-1.0, -1.0], ("A", "meh"): [-2.0],
+        ("A", "parrot text here"): [-1.0, -1.0, -1.0],
+        ("B", "good answer"): [-0.5, -0.5], ("B", "meh"): [-2.0],
+        ("B", "parrot text here"): [-3.0, -3.0, -3.0],
+    }
+    backend = FakeBackend(scorer=lambda msgs, y: table[(msgs[0].content, y)])
+    client = LLMClient("target", backend)
+    q = [Query(id="q", text="a question")]
+
+    async def go(instr):
+        return await likelihood_score(client, instr, q, pools, lam=0.5, temperature=1.0)
+
+    a = asyncio.run(go("A"))
+    b = asyncio.run(go("B"))
+    # A: l/|y| = (-1, -2, -1); pi = (.422319, .155362, .422319); w = (1, 0); .422319 - .5 * .422319
+    assert a.score == pytest.approx(0.2111593991)
+    # B: l/|y| = (-.5, -2, -3); pi = (.766157, .170953, .062890); .766157 - .5 * .062890
+    assert b.score == pytest.approx(0.7347121999)
+    assert a.per_query == {"q": pytest.approx(0.2111593991)}
+    assert a.n_responses == 3
+    assert backend.likelihood_calls == 2  # one batch per candidate
+
+
+def test_sampling_score_is_mean_f_without_unscored():
+    rs = [_s("q", "a", -1.0), _s("q", "b", -3.0), _s("r", "c", -2.0), _s("r", "d", None)]
+    s = sampling_score(rs)
+    assert s.score == pytest.approx(-2.0)  # (-1 - 3 - 2) / 3
+    assert s.per_query == {"q": pytest.approx(-2.0), "r": pytest.approx(-2.0)}
+    assert sampling_score([_s("q", "x", None)]).score == float("-inf")
+
+
+# -- estimate ------------------------------------------------------------------------------------------
+
+
+def test_estimate_counts_calls_per_role():
+    tiny = PRESETS["tiny"]  # N=2 n=1 M1=2 M2=2 bare=2 C=2 T=2
+    est = estimate(tiny, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3)
+    roles = est.roles
+    # bare 2*2 + rounds 2*(2*1) + report 2*1 = 10
+    assert roles["target generate"].calls == 10
+    # (C+1) * N * (M1+M2) per round = 3*2*4 = 24; two rounds + final (T+1)*N*pool = 3*2*4 = 24
+    assert roles["target likelihood"].calls == 72
+    assert roles["optimizer"].calls == 4
+    # judged: rounds 2*2 + report 2 = 6 responses, 3 calls each
+    assert roles["judge"].calls == 18
+    assert est.total_calls == 104
+    assert est.first_round_calls == 4 + (2 * (1 + 3) + 2 + 24)
+    samp = estimate(tiny, n_queries=2, n_values=3, mode="sampling", judge_calls_per_response=0)
+    # bare 4 + rounds 4 + report 2 + per round (C+1)*min(minibatch, N)*n = 3*2*1 = 6, twice
+    assert samp.roles["target generate"].calls == 22
+    assert "target likelihood" not in samp.roles
+    assert "pre-flight estimate" in est.describe()
+
+
+# -- run directory ---------------------------------------------------------------------------------------
+
+
+def test_rundir_ignores_and_cuts_a_partial_last_line(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.open({"fingerprint": {"a": 1}})
+    rd.append("events.jsonl", {"n": 1})
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"n": 2, "trunc')
+    assert rd.records("events.jsonl") == [{"n": 1}]
+    rd.close()
+    rd2 = RunDir(tmp_path)
+    assert rd2.open({"fingerprint": {"a": 1}}) is True
+    rd2.append("events.jsonl", {"n": 3})
+    assert rd2.records("events.jsonl") == [{"n": 1}, {"n": 3}]
+    rd2.close()
+
+
+def test_rundir_refuses_another_configuration_a_second_process_and_damage(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.open({"fingerprint": {"params": {"rounds": 3}, "seed": "x"}})
+    with pytest.raises(ConfigError, match="in use"):
+        RunDir(tmp_path).open({"fingerprint": {"params": {"rounds": 3}, "seed": "x"}})
+    rd.close()
+    with pytest.raises(ConfigError, match=r"params\.rounds: 3 -> 4"):
+        RunDir(tmp_path).open({"fingerprint": {"params": {"rounds": 4}, "seed": "x"}})
+    (tmp_path / "rounds.jsonl").write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(DataError, match="rounds.jsonl:2"):
+        RunDir(tmp_path).records("rounds.jsonl")
+
+
+# -- the engine on fakes ---------------------------------------------------------------------------------
+
+
+def test_full_run_writes_the_run_directory(reference):
+    run_dir, result, s = reference
+    for name in ("config.json", "events.jsonl", "responses.jsonl", "candidates.jsonl",
+                 "rounds.jsonl", "accounting.json", "instruction.txt", "provenance.json",
+                 "result.json", "pools/round-00.json", "pools/round-03.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "instruction.txt").read_text().strip() == result.instruction
+    assert result.mode == "likelihood" and result.stop_reason == "rounds"
+    assert result.rounds_completed == 3 and len(result.history) == 3
+    assert any(r["changed"] for r in result.history)  # candidates won rounds
+    # the returned instruction never loses to the seed on fresh samples (same queries and seeds);
+    # when the pooled objective's pick does, the seed comes back and the run says why
+    assert result.tc_final >= result.tc_seed
+    if result.instruction == result.seed_instruction:
+        assert result.selected_round == 0
+        assert any("below the seed on fresh samples" in n for n in result.notes)
+    else:
+        assert result.tc_final > result.tc_seed or result.tc_final == result.tc_seed
+    # the test-split query is not used
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["query_ids"] == ["q1", "q2", "q3"]
+    responses = _records(run_dir, "responses.jsonl")
+    assert {r["query_id"] for r in responses} == {"q1", "q2", "q3"}
+    bare = [r for r in responses if r["phase"] == "bare"]
+    assert len(bare) == 3 * 3 and all(r["f"] is None and r["scores"] == {} for r in bare)
+    enhanced = [r for r in responses if r["phase"] == "enhance"]
+    assert len(enhanced) == 3 * 3 * 2
+    assert all(set(r["scores"]) == {"care", "honesty", "caution"} for r in enhanced)
+    # the fake judge leaves some values unscored: recorded, and f still defined (imputed)
+    assert any(r["unscored"] for r in enhanced)
+    assert all(r["f"] is not None for r in enhanced if len(r["unscored"]) < 3)
+    # every proposal has a verdict; discarded ones say why
+    cands = _records(run_dir, "candidates.jsonl")
+    verdicts = [c for c in cands if c["kind"] == "verdict"]
+    assert len(verdicts) == 3 * 2
+    assert all(v["kept"] == (v["reason"] == "") for v in verdicts)
+    # in every round the chosen instruction has the highest score among those scored
+    scores = [c for c in cands if c["kind"] == "score"]
+    for rnd in _records(run_dir, "rounds.jsonl"):
+        mine = [c for c in scores if c["pools_version"] == rnd["round"]]
+        assert rnd["objective"] == max(c["score"] for c in mine)
+        assert rnd["objective"] >= rnd["objective_previous"]
+    # never worse than the seed on the final pools, both recorded
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert result.objective_final >= result.objective_seed
+    assert prov["objective"] == {"seed": result.objective_seed, "final": result.objective_final}
+    assert prov["value_set"]["fingerprint"] == VALUES.fingerprint()
+    assert prov["roles"]["target"]["model"] == "fake-target"
+    assert prov["roles"]["judge"]["identity"] == {"kind": "fake-judge", "version": 1}
+    assert set(prov["scores"]["seed"]) == set(prov["scores"]["final"]) == {"care", "honesty",
+                                                                          "caution"}
+    assert prov["mode"] == "likelihood" and prov["config_hash"] == config["config_hash"]
+    acc = json.loads((run_dir / "accounting.json").read_text())
+    assert acc["total"]["calls"] == result.calls == s.accounting.total().calls
+    # progress: estimate first, then phases and rounds, then the end
+    kinds = s.progress.kinds()
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.count("round_end") == 3
+    assert s.progress.events[0].data["estimate"]["total_calls"] > 0
+
+
+def test_rerunning_a_finished_run_makes_no_calls(reference, tmp_path):
+    run_dir, result, _ = reference
+    s = Setup()
+    again = s.run(run_dir)
+    assert _comparable(again) == _comparable(result)
+    assert s.target_backend.generate_calls == 0 and s.target_backend.likelihood_calls == 0
+    assert s.optimizer_backend.generate_calls == 0 and s.judge.items == 0
+
+
+def test_same_seed_same_result_in_a_new_directory(reference, tmp_path):
+    _, result, _ = reference
+    assert _comparable(Setup().run(tmp_path)) | {"run_dir": None} == _comparable(result) | {
+        "run_dir": None}
+
+
+def _count_records(run_dir: Path) -> dict:
+    responses = _records(run_dir, "responses.jsonl")
+    cands = _records(run_dir, "candidates.jsonl")
+    return {
+        "responses": len(responses),
+        "judged": sum(1 for r in responses if r["scores"] and r["text"].strip()),
+        "proposals": sum(1 for c in cands if c["kind"] == "proposal"),
+        "scores": sum(1 for c in cands if c["kind"] == "score"),
+        "keys": {r["key"] for r in responses},
+    }
+
+
+@pytest.mark.parametrize(
+    "where,only",
+    # where: the share of the uninterrupted run's calls of that kind after which the kill comes
+    [(0.0, "target"), (0.15, "target"), (0.4, "target"), (0.75, "target"), (0.99, "target"),
+     (0.1, "judge"), (0.6, "judge"), (0.0, "optimizer"), (0.7, "optimizer"),
+     (0.05, "likelihood"), (0.5, "likelihood"), (0.97, "likelihood")],
+)
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(reference, tmp_path, where, only):
+    ref_dir, ref_result, ref_setup = reference
+    at = 1 + int(where * (ref_setup.trip.counts[only] - 1))
+    killed = Setup(Tripwire(at, only))
+    with pytest.raises(Killed):
+        killed.run(tmp_path)
+    before = _count_records(tmp_path)
+    # a kill can also tear the record being written: a partial last line
+    with open(tmp_path / "responses.jsonl", "a") as f:
+        f.write('{"key": "torn", "text": "half a rec')
+
+    resumed = Setup()
+    result = resumed.run(tmp_path)
+    assert _comparable(result) == _comparable(ref_result)
+    assert (tmp_path / "instruction.txt").read_text() == (ref_dir / "instruction.txt").read_text()
+    after = _count_records(tmp_path)
+    ref = _count_records(ref_dir)
+    assert after["keys"] == ref["keys"]
+    # no model call for finished work: the resumed run made exactly the calls for the new records
+    assert resumed.target_backend.generate_calls == after["responses"] - before["responses"]
+    assert resumed.judge.items == after["judged"] - before["judged"]
+    assert resumed.optimizer_backend.generate_calls == after["proposals"] - before["proposals"]
+    assert resumed.target_backend.likelihood_calls == after["scores"] - before["scores"]
+    assert resumed.target_backend.generate_calls < ref_setup.target_backend.generate_calls or (
+        before["responses"] == 0)
+    events = [e["event"] for e in _records(tmp_path, "events.jsonl")]
+    assert events[0] == "start" and "resume" in events
+
+
+def test_budget_cap_is_never_exceeded_and_the_run_stops_cleanly(reference, tmp_path):
+    _, ref_result, ref_setup = reference
+    total = ref_setup.accounting.total().calls
+    for cap in (5, 20, total // 2, total - 1):
+        s = Setup()
+        run_dir = tmp_path / f"cap{cap}"
+        result = s.run(run_dir, budget=Budget(max_calls=cap))
+        used = s.accounting.total().calls
+        assert used <= cap, (cap, used)
+        assert result.stop_reason == "budget" and "budget" in result.stop_detail
+        assert (run_dir / "instruction.txt").read_text().strip() == result.instruction
+        assert json.loads((run_dir / "result.json").read_text())["stop_reason"] == "budget"
+        events = [e["event"] for e in _records(run_dir, "events.jsonl")]
+        assert "stop" in events and events[-1] == "end"
+        # the instruction returned is the seed or one chosen by a finished round
+        chosen = [ref_result.seed_instruction] + [r["instruction"] for r in result.history]
+        assert result.instruction in chosen
+    # a warning when the budget cannot finish one round
+    assert any("cannot finish one round" in e.data.get("message", "")
+               for e in s.progress.events if e.kind == "warning") is False
+    small = Setup()
+    small.run(tmp_path / "tiny-budget", budget=Budget(max_calls=3))
+    assert any("cannot finish one round" in e.data.get("message", "")
+               for e in small.progress.events if e.kind == "warning")
+
+
+def test_token_budget_is_never_exceeded(tmp_path):
+    s = Setup()
+    budget = Budget(max_tokens=3000)
+    result = s.run(tmp_path, budget=budget)
+    assert result.stop_reason == "budget"
+    t = s.accounting.total()
+    assert t.prompt_tokens + t.completion_tokens <= 3000
+    assert budget.tokens <= 3000
+
+
+def test_budget_stopped_run_continues_with_a_larger_budget(reference, tmp_path):
+    _, ref_result, ref_setup = reference
+    total = ref_setup.accounting.total().calls
+    first = Setup()
+    assert first.run(tmp_path, budget=Budget(max_calls=total // 2)).stop_reason == "budget"
+    second = Setup()
+    result = second.run(tmp_path, budget=Budget(max_calls=total))
+    assert _comparable(result) == _comparable(ref_result)
+    # calls of the first process count against the run's budget: together no more than `total`
+    assert first.accounting.total().calls + second.accounting.total().calls <= total
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    assert acc["total"]["calls"] == first.accounting.total().calls + second.accounting.total().calls
+
+
+def test_config_mismatch_on_resume_is_a_clear_error(reference):
+    run_dir, _, _ = reference
+    with pytest.raises(ConfigError, match="different configuration.*params.rounds: 3 -> 4"):
+        Setup().run(run_dir, SMALL.model_copy(update={"rounds": 4}))
+    with pytest.raises(ConfigError, match="seed_instruction"):
+        Setup().run(run_dir, seed_instruction="Be nice.")
+
+
+def test_warm_start_from_a_run_directory_and_from_a_text_file(reference, tmp_path):
+    run_dir, result, _ = reference
+    s = Setup()
+    warm = s.run(tmp_path / "warm", SMALL.model_copy(update={"rounds": 1}), init_from=run_dir)
+    assert warm.seed_instruction == result.instruction
+    prov = json.loads((tmp_path / "warm" / "provenance.json").read_text())
+    assert prov["init_from"] == str(run_dir) and prov["seed_instruction"] == result.instruction
+    text = tmp_path / "seed.txt"
+    text.write_text("  Be kind and careful.\n")
+    warm2 = Setup().run(tmp_path / "warm2", SMALL.model_copy(update={"rounds": 1}), init_from=text)
+    assert warm2.seed_instruction == "Be kind and careful."
+    with pytest.raises(ConfigError, match="either seed_instruction or init_from"):
+        Setup().run(tmp_path / "x", init_from=text, seed_instruction="Hi there, be nice.")
+    with pytest.raises(ConfigError, match="neither a run directory nor a text file"):
+        Setup().run(tmp_path / "y", init_from=tmp_path / "missing")
+
+
+def test_early_stop_when_the_instruction_is_stable(tmp_path):
+    s = Setup()
+    # an optimizer that only ever repeats the current instruction: every candidate is discarded
+    s.optimizer_backend.responder = lambda req: req.messages[1].content.split('"""')[1].strip()
+    params = SMALL.model_copy(update={"rounds": 5, "patience": 2})
+    result = s.run(tmp_path, params)
+    assert result.stop_reason == "stable" and result.rounds_completed == 2
+    assert result.instruction == result.seed_instruction
+    verdicts = [c for c in _records(tmp_path, "candidates.jsonl") if c["kind"] == "verdict"]
+    assert {v["reason"] for v in verdicts} == {"unchanged"}
+    rounds = _records(tmp_path, "rounds.jsonl")
+    assert rounds[0]["discarded"] == {"unchanged": 2}
+
+
+def test_sampling_mode_for_black_box_targets(tmp_path):
+    s = Setup(caps=Capabilities(generate=True, continuation_logprobs=False, seeded=True))
+    result = s.run(tmp_path)
+    assert result.mode == "sampling"
+    assert s.target_backend.likelihood_calls == 0
+    responses = _records(tmp_path, "responses.jsonl")
+    assert any(r["phase"] == "candidate" for r in responses)
+    scores = [c for c in _records(tmp_path, "candidates.jsonl") if c["kind"] == "score"]
+    assert scores and all(c["mode"] == "sampling" for c in scores)
+    assert result.objective_final >= result.objective_seed
+    assert json.loads((tmp_path / "config.json").read_text())["fingerprint"]["mode"] == "sampling"
+
+
+def test_proxy_mode_scores_with_the_proxy_only(tmp_path):
+    s = Setup(caps=Capabilities(generate=True, continuation_logprobs=False, seeded=True), proxy=True)
+    result = s.run(tmp_path)
+    assert result.mode == "proxy"
+    assert s.target_backend.likelihood_calls == 0
+    assert s.proxy.backend.likelihood_calls > 0
+    assert s.accounting.role("proxy").calls > 0
+
+
+def test_forced_likelihood_mode_on_a_black_box_target_fails_before_any_call(tmp_path):
+    s = Setup(caps=Capabilities(generate=True, continuation_logprobs=False))
+    with pytest.raises(CapabilityMissing):
+        s.run(tmp_path, SMALL.model_copy(update={"mode": "likelihood"}))
+    assert s.target_backend.generate_calls == 0
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_final_check_returns_the_seed_when_nothing_beats_it(tmp_path):
+    # Scripted likelihoods. During the rounds the seed puts its mass on the noisy (bare) responses
+    # and every other instruction is indifferent, so candidates win their rounds. From the final
+    # check on, the seed puts its mass on the aligned responses: on the final pools it is the best
+    # instruction of the trajectory, and the run must return it.
+    s = Setup()
+    seed = "Seed instruction: be good."
+    state = {"final": False}
+    bare_texts: set[str] = set()
+
+    class Watch(ListProgress):
+        def emit(self, event):
+            if event.kind == "phase_start" and event.phase == "final":
+                state["final"] = True
+            super().emit(event)
+
+    def scorer(messages, response):
+        if messages[0].content != seed:
+            return [-1.0]
+        likes = (response not in bare_texts) if state["final"] else (response in bare_texts)
+        return [-0.1] if likes else [-5.0]
+
+    s.target_backend.scorer = scorer
+    s.progress = Watch()
+    from picaco.optimize.engine import derive_seed
+    for q in QUERIES[:3]:
+        for j in range(SMALL.n_bare):
+            req = GenerateRequest(messages=(Message("user", q.text),), temperature=0.7,
+                                  max_tokens=SMALL.max_new_tokens,
+                                  seed=derive_seed(SMALL.seed, "bare", q.id, j))
+            bare_texts.add(default_responder(req))
+    result = s.run(tmp_path, seed_instruction=seed)
+    rounds = _records(tmp_path, "rounds.jsonl")
+    assert any(r["changed"] for r in rounds)  # candidates did win rounds
+    assert result.instruction == seed and result.selected_round == 0
+    assert result.objective_final == result.objective_seed
+    assert (tmp_path / "instruction.txt").read_text().strip() == seed
+
+
+def test_instruction_hash_and_identical_prompts():
+    assert instruction_hash("a") != instruction_hash("b")
+    assert len(instruction_hash("a")) == 16
+
+
+def test_unknown_preset_and_test_only_queries(tmp_path):
+    s = Setup()
+    with pytest.raises(ConfigError, match="unknown preset"):
+        s.run(tmp_path, params="huge")
+    with pytest.raises(ConfigError, match="test split"):
+        asyncio.run(optimize(**(s.kwargs(tmp_path) | {"queries": [QUERIES[3]]})))
+
+
+def test_budget_exhausted_error_is_the_one_raised_from_concurrent_tasks():
+    from picaco.optimize.engine import gather_all
+
+    async def boom(delay, exc):
+        await asyncio.sleep(delay)
+        raise exc
+
+    async def slow():
+        await asyncio.sleep(10)
+
+    with pytest.raises(BudgetExhausted):
+        asyncio.run(gather_all([boom(0.01, BudgetExhausted("spent")), slow(), slow()]))
+
+
+def test_progress_sinks_show_the_run(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from picaco.optimize import JsonLinesProgress, RichProgress, make_progress
+
+    buf = io.StringIO()
+    s = Setup()
+    s.progress = RichProgress(console=Console(file=buf, width=100, force_terminal=False))
+    result = s.run(tmp_path / "rich", SMALL.model_copy(update={"rounds": 1}))
+    text = buf.getvalue()
+    assert "pre-flight estimate (likelihood mode, 3 queries)" in text
+    assert "refinement mode: likelihood" in text
+    assert "Caution" in text and "best pools" in text  # the per-value table
+    assert f"done: {result.stop_reason} after 1 round(s)" in text
+
+    stream = io.StringIO()
+    s2 = Setup()
+    s2.progress = JsonLinesProgress(stream)
+    s2.run(tmp_path / "json", SMALL.model_copy(update={"rounds": 1}))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert events[0]["kind"] == "run_start" and events[-1]["kind"] == "run_end"
+    assert any(e["kind"] == "advance" and e["phase"] == "enhance" for e in events)
+    assert all(e["calls"] >= 0 for e in events)
+    assert type(make_progress("quiet")).__name__ == "QuietProgress"
+    with pytest.raises(ValueError):
+        make_progress("loud")
+
+
+def test_result_carries_ratings_accounting_and_the_callers_config(tmp_path):
+    s = Setup()
+    result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}),
+                   config={"values": "test-3", "preset": "tiny"})
+    # the fake judge's ratings are 1 + 4q, so the mean rating is 1 + 4 * mean q per value
+    for vid, q in result.scores_final.items():
+        assert result.ratings_final[vid] == pytest.approx(1 + 4 * q)
+    assert result.final_scores == result.ratings_final and result.seed_scores == result.ratings_seed
+    assert result.accounting["total"]["calls"] == result.calls
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["run_config"] == {"values": "test-3", "preset": "tiny"}
+
+
+def test_paper_symbols_are_accepted_in_params():
+    p = OptimizeParams.model_validate({**PRESETS["cpu"].model_dump(), "T": 5, "M1": 4, "lambda": 0.5})
+    assert (p.rounds, p.aligned_pool_size, p.lam) == (5, 4, 0.5)
+    assert "T" not in p.model_dump()
+    with pytest.raises(Exception, match="bare_samples"):
+        OptimizeParams(noisy_pool_size=5, bare_samples=2)
+
+
+def test_accounting_counts_only_this_run(tmp_path):
+    # the caller's Accounting already holds calls from other work: they are not the run's
+    s = Setup()
+    s.accounting.record_call("target", prompt_tokens=100, completion_tokens=10, seconds=1.0)
+    result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}))
+    assert result.calls == s.accounting.total().calls - 1
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    assert acc["total"]["calls"] == result.calls
+    assert acc["target"]["prompt_tokens"] == s.accounting.role("target").prompt_tokens - 100
