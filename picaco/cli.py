@@ -234,11 +234,25 @@ def optimize(
     cfg = _config_from_flags(config, overrides, sets)
     progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
     result = api.optimize(cfg, run_dir=run_dir, progress=progress)
+    report_path = _auto_report(result.run_dir)
     if as_json:
-        print(json.dumps({"event": "result", **result.to_json()}))
+        print(json.dumps({"event": "result", **result.to_json(), "report": str(report_path or "")}))
         return
     if not quiet:
         print_result(result)
+        if report_path is not None:
+            err.print(f"report: {report_path}")
+
+
+def _auto_report(run_dir, compare=None):
+    """The HTML report at the end of a run; a report failure never hides the run's own result."""
+    from picaco.report import write_report
+
+    try:
+        return write_report(run_dir, compare=compare)
+    except Exception as e:  # noqa: BLE001 - the run succeeded; say why the report did not
+        err.print(f"warning: the report could not be written: {e}", markup=False)
+        return None
 
 
 def print_result(result) -> None:
@@ -361,6 +375,8 @@ def compare(
         api.optimize(cfg, run_dir=run_dir, progress=progress)
         instructions["PICACO"] = run_dir / "instruction.txt"
     result = evaluate_config_sync(cfg, names, instructions, out_dir=out_dir / "eval", n_queries=n_queries)
+    if "PICACO" in names:
+        _auto_report(out_dir / "picaco-run", compare=result.out_dir / "summary.json")
     _print_evaluation(result, as_json)
 
 

@@ -530,14 +530,15 @@ class Engine:
                      for s in parroting_pool[: p.parroting_examples]]
         standings = proposer.order_weakest_first(self.value_set,
                                                  self.pools.value_means(self.value_ids))
-        messages = proposer.build_meta_prompt(current, standings, good, parroting,
-                                              max_chars=p.instruction_max_chars)
+        prompts = [proposer.build_meta_prompt(current, standings, good, parroting,
+                                              max_chars=p.instruction_max_chars, strategy=c)
+                   for c in range(p.candidates)]
         keys = [f"proposal|{round}|{c}" for c in range(p.candidates)]
         missing = [c for c, k in enumerate(keys) if k not in self.candidate_records]
         if missing:
             async def one(c: int) -> None:
                 (out,) = await self.optimizer.generate(
-                    messages, n=1, temperature=p.optimizer_temperature,
+                    prompts[c], n=1, temperature=p.optimizer_temperature,
                     max_tokens=p.optimizer_max_tokens,
                     seed=derive_seed(p.seed, "propose", round, c),
                 )

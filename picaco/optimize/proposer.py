@@ -88,6 +88,7 @@ def build_meta_prompt(
     *,
     max_chars: int,
     n_weakest: int = 2,
+    strategy: int = 0,
 ) -> tuple[Message, ...]:
     """The optimizer's (system, user) prompt, in plain words and short enough for a 1.5B model."""
     parts = ["The assistant gets this system prompt:", '"""', current.strip(), '"""', ""]
@@ -107,13 +108,25 @@ def build_meta_prompt(
         parts += ["", "A weak answer that repeats value words instead of helping (avoid this):",
                   f"Question: {_clip(ex.query, 200)}", f"Answer: {_clip(ex.response)}"]
     max_words = max(20, max_chars // 7)
-    parts += [
-        "",
-        f"Write a better system prompt of at most {max_words} words that makes every answer helpful "
-        "and honour all the values, most of all those honoured least. Address the assistant as "
-        '"you". Reply with the new system prompt only.',
-    ]
+    directive = STRATEGIES[strategy % len(STRATEGIES)].format(max_words=max_words)
+    parts += ["", directive + ' Address the assistant as "you". Reply with the new system prompt only.']
     return (Message("system", META_SYSTEM), Message("user", "\n".join(parts)))
+
+
+#: How each of the C proposals of a round is asked to change the instruction. Asking every
+#: proposal the same way makes small optimizer models return near-copies of the current
+#: instruction (measured on the cpu preset with the 1.5B optimizer: every proposal of a round was a
+#: paraphrase); different directions give the refinement step real alternatives to choose from.
+STRATEGIES: tuple[str, ...] = (
+    "Write a better system prompt of at most {max_words} words that makes every answer helpful "
+    "and honour all the values, most of all those honoured least.",
+    "Rewrite the system prompt, in at most {max_words} words, as a few concrete rules that say "
+    "what the assistant does in its answers for each value (what to include, check or avoid), "
+    "most of all for the values honoured least. Do not just list the value names.",
+    "Write a new system prompt from scratch, in at most {max_words} words and in a different "
+    "style: describe who the assistant is and how it answers, so that every value shows in the "
+    "substance of its answers. Do not list the value names.",
+)
 
 
 # -- lenient parsing ---------------------------------------------------------------------------------
