@@ -1,0 +1,274 @@
+"""The embedded llama.cpp backend, on the real SmolLM2-135M model in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from picaco.errors import ConfigError, ModelNotPulled
+from picaco.llm.base import Backend, GenerateRequest, LikelihoodRequest, chat
+from picaco.llm.embedded import EmbeddedBackend, _first_stop, _Runner
+
+PIRATE = "You are a pirate. Always talk like a pirate."
+BUTLER = "You are a formal English butler. Answer politely and formally."
+QUESTION = "What is the capital of France?"
+RESPONSES = [
+    "Arr, the capital be Paris, matey!",
+    "The capital of France is Paris.",
+    "Paris.",
+    "I believe it is London, sir.",
+    "The capital of France is Paris, a city known for the Eiffel Tower.",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2_path: Path):
+    b = EmbeddedBackend(smollm2_path, n_ctx=1024, seed=0)
+    yield b
+    b.close()
+
+
+def _same_numbers(a, b, tol: float = 1e-9) -> bool:
+    return a.tokens == b.tokens and all(abs(x - y) <= tol for x, y in zip(a.token_logprobs, b.token_logprobs))
+
+
+# -- construction (no model needed) ------------------------------------------------------------------
+
+
+def test_unknown_model_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="neither a known model"):
+        EmbeddedBackend(tmp_path / "missing.gguf")
+    with pytest.raises(ConfigError, match="not a chat model"):
+        EmbeddedBackend("minilm-l6", models_dir=tmp_path)
+    with pytest.raises(ModelNotPulled):
+        EmbeddedBackend("qwen2.5-coder-0.5b", models_dir=tmp_path)
+
+
+def test_a_file_that_is_not_a_gguf_fails_on_first_use(tmp_path: Path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model" * 100)
+    backend = EmbeddedBackend(bad)  # loading is lazy
+    assert backend.identity()["file"] == "bad.gguf" and "gguf_sha256" not in backend.identity()
+    with pytest.raises(ConfigError, match="could not load"):
+        backend.generate_sync(GenerateRequest(chat(None, "hi"), max_tokens=1))
+
+
+def test_first_stop_finds_the_earliest_stop():
+    assert _first_stop(b"abc END x STOP", [b"STOP", b"END"], 0) == 4
+    assert _first_stop(b"abc", [b"x"], 0) is None
+
+
+def test_segments_cut_at_message_bounds_and_chunk():
+    assert list(_Runner._segments((5, 9), 0, 12, 3)) == [(0, 3), (3, 5), (5, 8), (8, 9), (9, 12)]
+    assert list(_Runner._segments((5,), 7, 10, 512)) == [(7, 10)]
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_is_a_backend_with_all_capabilities(backend: EmbeddedBackend):
+    assert isinstance(backend, Backend)
+    caps = backend.capabilities
+    assert caps.generate and caps.top_logprobs and caps.continuation_logprobs and caps.seeded
+    ident = backend.identity()
+    assert ident["kind"] == "embedded" and ident["model"] == "smollm2-135m"
+    assert len(ident["gguf_sha256"]) == 64
+
+
+@pytest.mark.model
+async def test_generation_follows_the_chat_template_and_system_prompt(backend: EmbeddedBackend):
+    messages = chat(PIRATE, QUESTION)
+    prompt = backend._load().prompt(messages)
+    assert prompt.text.startswith(f"<|im_start|>system\n{PIRATE}<|im_end|>\n<|im_start|>user\n{QUESTION}")
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert len(prompt.bounds) == 1  # the end of the system turn
+
+    pirate = await backend.generate(GenerateRequest(messages, temperature=0.0, max_tokens=24))
+    butler = await backend.generate(GenerateRequest(chat(BUTLER, QUESTION), temperature=0.0, max_tokens=24))
+    assert pirate.text.strip() and butler.text.strip()
+    assert pirate.text != butler.text  # the system prompt reaches the model
+    assert pirate.prompt_tokens == len(prompt.tokens)
+    assert 0 < pirate.completion_tokens <= 24
+    assert pirate.finish_reason in ("stop", "length")
+
+
+@pytest.mark.model
+def test_max_tokens_and_stop_strings(backend: EmbeddedBackend):
+    long = backend.generate_sync(
+        GenerateRequest(chat(None, "Write a long story about a dragon."), temperature=0.0, max_tokens=12)
+    )
+    assert long.finish_reason == "length" and long.completion_tokens == 12
+    stopped = backend.generate_sync(
+        GenerateRequest(chat(None, "Write a long story about a dragon."), temperature=0.0, max_tokens=12, stop=(" ",))
+    )
+    assert stopped.finish_reason == "stop" and " " not in stopped.text
+    assert long.text.startswith(stopped.text)
+
+
+@pytest.mark.model
+def test_seeded_generation_is_reproducible(backend: EmbeddedBackend, smollm2_path: Path):
+    req = GenerateRequest(chat(PIRATE, "Tell me about your ship."), temperature=1.0, max_tokens=20, seed=123)
+    first = backend.generate_sync(req)
+    # other work in between changes the KV cache; the answer must not depend on it
+    backend.loglikelihood_sync([LikelihoodRequest(chat(PIRATE, QUESTION), RESPONSES[0])])
+    backend.generate_sync(GenerateRequest(chat(BUTLER, "Hello"), temperature=1.0, max_tokens=5, seed=9))
+    assert backend.generate_sync(req).text == first.text
+    fresh = EmbeddedBackend(smollm2_path, n_ctx=1024)
+    try:
+        assert fresh.generate_sync(req).text == first.text
+    finally:
+        fresh.close()
+    others = {backend.generate_sync(GenerateRequest(req.messages, 1.0, 20, seed=s)).text for s in (1, 2, 3)}
+    assert len(others | {first.text}) > 1  # the seed matters
+
+
+@pytest.mark.model
+def test_top_logprobs_are_a_real_distribution(backend: EmbeddedBackend):
+    req = GenerateRequest(
+        chat("You rate answers from 1 to 5.", "Rate this answer to 'What is 2+2?': '4'. Reply with one digit."),
+        temperature=0.0,
+        max_tokens=3,
+        top_logprobs=5,
+    )
+    comp = backend.generate_sync(req)
+    assert comp.logprobs is not None and len(comp.logprobs) == comp.completion_tokens
+    for pos in comp.logprobs:
+        values = list(pos.top.values())
+        assert len(values) == 5
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1.0 + 1e-6
+        assert all(v <= 0 for v in values)
+        # not the flat distribution an unfilled score buffer would give (log(1/vocab) = -10.8)
+        assert values[0] > -5.0 and values[0] - values[-1] > 0.01
+        # greedy: the chosen token is the most likely one
+        assert pos.logprob == pytest.approx(values[0])
+    # the first position agrees with scoring that token as a continuation
+    first = comp.logprobs[0]
+    scored = backend.loglikelihood_sync([LikelihoodRequest(req.messages, first.token)])[0]
+    assert scored.tokens == (first.token,)
+    assert scored.token_logprobs[0] == pytest.approx(first.logprob, abs=1e-3)
+
+
+# -- log-likelihood -----------------------------------------------------------------------------------
+
+
+def _reference_logprobs(path: Path, text_prompt: str, response: str) -> tuple[list[str], list[float]]:
+    """Evaluate the whole sequence one token at a time from scratch; log-softmax of each logit row."""
+    from llama_cpp import Llama
+    from llama_cpp import llama_cpp as C
+
+    llm = Llama(str(path), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
+    try:
+        prompt = llm.tokenize(text_prompt.encode(), add_bos=False, special=True)
+        joint = llm.tokenize((text_prompt + response).encode(), add_bos=False, special=True)
+        assert joint[: len(prompt)] == prompt
+        resp = joint[len(prompt) :]
+        logprobs = []
+        for i, tok in enumerate(joint[:-1]):
+            llm.eval([tok])
+            if i + 1 >= len(prompt):
+                row = np.ctypeslib.as_array(C.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+                row = row.astype(np.float64)
+                lse = row.max() + np.log(np.exp(row - row.max()).sum())
+                logprobs.append(float(row[joint[i + 1]] - lse))
+        pieces = [llm.detokenize([t]).decode("utf-8", errors="replace") for t in resp]
+        return pieces, logprobs
+    finally:
+        llm.close()
+
+
+@pytest.mark.model
+def test_loglikelihood_matches_token_by_token_reference(backend: EmbeddedBackend, smollm2_path: Path):
+    messages = chat(PIRATE, QUESTION)
+    response = RESPONSES[4]
+    got = backend.loglikelihood_sync([LikelihoodRequest(messages, response)])[0]
+    pieces, ref = _reference_logprobs(smollm2_path, backend._load().prompt(messages).text, response)
+    assert list(got.tokens) == pieces
+    assert "".join(got.tokens) == response
+    assert got.n_tokens == len(ref) > 5
+    diffs = [abs(a - b) for a, b in zip(got.token_logprobs, ref)]
+    assert max(diffs) < 1e-3, diffs
+    assert all(lp < 0 for lp in got.token_logprobs)
+
+
+@pytest.mark.model
+def test_prefix_reuse_gives_identical_numbers_with_fewer_tokens(smollm2_path: Path):
+    reqs = [LikelihoodRequest(chat(s, QUESTION), r) for s in (PIRATE, BUTLER) for r in RESPONSES]
+    reqs.append(LikelihoodRequest(chat(PIRATE, "Where do you sail?"), RESPONSES[0]))
+    reuse = EmbeddedBackend(smollm2_path, n_ctx=1024, prefix_reuse=True)
+    scratch = EmbeddedBackend(smollm2_path, n_ctx=1024, prefix_reuse=False)
+    try:
+        a = reuse.loglikelihood_sync(reqs)
+        b = scratch.loglikelihood_sync(reqs)
+        assert all(_same_numbers(x, y) for x, y in zip(a, b))
+        assert sum(x.evaluated_tokens for x in a) < sum(y.evaluated_tokens for y in b)
+        # per prompt, one request evaluates the prompt; each other one only its response tokens
+        # (the last prompt token plus all response tokens but the last)
+        for group in (a[0:5], a[5:10]):
+            full = [x for x in group if x.evaluated_tokens > x.n_tokens]
+            assert len(full) == 1
+            assert all(x.evaluated_tokens == x.n_tokens for x in group if x is not full[0])
+        # in all: each system turn once, each rest of a prompt once, each response once
+        runner = reuse._load()
+        prompts = {runner.prompt(r.messages) for r in reqs}
+        systems = {p.tokens[: p.bounds[0]] for p in prompts}
+        expected = sum(map(len, systems)) + sum(len(p.tokens) - 1 - p.bounds[0] for p in prompts)
+        assert sum(x.evaluated_tokens for x in a) == expected + sum(x.n_tokens for x in a)
+        # order and earlier KV state do not change the numbers
+        again = reuse.loglikelihood_sync(list(reversed(reqs)))[::-1]
+        assert all(_same_numbers(x, y) for x, y in zip(a, again))
+    finally:
+        reuse.close()
+        scratch.close()
+
+
+@pytest.mark.model
+def test_loglikelihood_edge_cases(backend: EmbeddedBackend):
+    messages = chat(PIRATE, QUESTION)
+    dup = LikelihoodRequest(messages, RESPONSES[2])
+    empty, first, second = backend.loglikelihood_sync([LikelihoodRequest(messages, ""), dup, dup])
+    assert empty.n_tokens == 0 and empty.total == 0.0
+    assert first.token_logprobs == second.token_logprobs and second.evaluated_tokens == 0
+    # a response that spells a special token is scored as plain text, not as the end of the turn
+    special = backend.loglikelihood_sync([LikelihoodRequest(messages, "Paris<|im_end|>")])[0]
+    assert "".join(special.tokens) == "Paris<|im_end|>" and special.n_tokens > 2
+
+
+@pytest.mark.model
+def test_too_long_for_the_context_is_a_config_error(smollm2_path: Path):
+    small = EmbeddedBackend(smollm2_path, n_ctx=256)
+    try:
+        with pytest.raises(ConfigError, match="n_ctx"):
+            small.generate_sync(GenerateRequest(chat(None, "word " * 400), max_tokens=4))
+        with pytest.raises(ConfigError, match="n_ctx"):
+            small.loglikelihood_sync([LikelihoodRequest(chat(None, "hi"), "word " * 400)])
+    finally:
+        small.close()
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+async def test_concurrent_calls_are_serialized_and_do_not_block_the_loop(backend: EmbeddedBackend):
+    reqs = [GenerateRequest(chat(PIRATE, q), temperature=0.8, max_tokens=16, seed=5) for q in ("Hi", "Bye", "Ahoy")]
+    sequential = [backend.generate_sync(r).text for r in reqs]
+
+    ticks = 0
+    task = asyncio.ensure_future(
+        asyncio.gather(
+            *(backend.generate(r) for r in reqs),
+            backend.loglikelihood([LikelihoodRequest(chat(PIRATE, QUESTION), RESPONSES[0])]),
+        )
+    )
+    while not task.done():
+        await asyncio.sleep(0.002)
+        ticks += 1
+    *completions, _scores = await task
+    assert [c.text for c in completions] == sequential
+    assert ticks >= 3  # the event loop kept running while the model worked
