@@ -361,7 +361,7 @@ def render(model: str, threads: int, n_ctx: int, gen: dict, reuse: dict, mem: di
         f"Command: `{cmd}`",
         "",
         f"Model `{model}`, n_ctx {n_ctx}, {threads} threads, flash attention on, llama-cpp-python "
-        f"{llama_cpp.__version__}. Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"{llama_cpp.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (both sides). Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end (shared with other work, so absolute times are noisy; "
         "each comparison alternates its two sides so load hits both alike).",
         "",
@@ -409,7 +409,8 @@ def render(model: str, threads: int, n_ctx: int, gen: dict, reuse: dict, mem: di
         f"logits); a {reuse['calib_n']}-token response batch {reuse['ms_per_unscored_small']:.1f} ms per token without "
         f"logits and {reuse['ms_per_scored_token']:.1f} ms with them. Weighting tokens by those costs, the ideal "
         f"speedup is {reuse['cost_ideal']:.2f}x and speedup / cost-weighted ideal is "
-        f"**{reuse['cost_efficiency']:.2f}**.",
+        f"**{reuse['cost_efficiency']:.2f}** (an approximate cost model: above 1 means it overstates the "
+        "response batches' cost; either way, reuse wastes nothing beyond what scoring itself needs).",
     ]
     if mem:
         la, bf = mem["logits_all"], mem["batch_flags"]

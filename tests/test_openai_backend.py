@@ -94,7 +94,7 @@ def test_echo_parsing_picks_the_response_tokens(width, generated):
     lk = parse_echo_logprobs(data, "Hello world!")
     assert lk.tokens == ("Hello", " wor", "ld", "!")
     assert lk.token_logprobs == (-1.5, -2.0, -0.1, -0.7)
-    assert lk.evaluated_tokens == len(PROMPT_PIECES)
+    assert lk.evaluated_tokens == len(PROMPT_PIECES) + len(RESPONSE_PIECES)
 
 
 # vLLM /v1/completions answer with prompt_logprobs=0 (shape of vllm CompletionResponseChoice: one map
@@ -126,7 +126,7 @@ def test_vllm_prompt_logprobs_parsing():
     lk = parse_vllm_prompt_logprobs(VLLM_ANSWER, "Hello world")
     assert lk.tokens == ("Hello", " world")
     assert lk.token_logprobs == (-0.92, -2.31)
-    assert lk.evaluated_tokens == 9
+    assert lk.evaluated_tokens == 11  # usage.prompt_tokens: prompt and response
 
 
 def test_vllm_prompt_logprobs_with_alternatives_uses_prompt_token_ids():

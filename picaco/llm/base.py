@@ -128,7 +128,8 @@ class Likelihood:
     #: log-probability of each token of the response, in order (natural log)
     token_logprobs: tuple[float, ...]
     tokens: tuple[str, ...] = ()
-    #: prompt tokens the backend actually had to evaluate (after any prefix reuse)
+    #: tokens the backend actually evaluated for this request, prompt and response, after any prefix
+    #: reuse (0 for an exact repeat within one batch); accounting counts these as prompt tokens
     evaluated_tokens: int = 0
 
     @property

@@ -171,14 +171,14 @@ class LLMClient:
             used = 0
             for i, lk in zip(missing, scored):
                 results[i] = lk
-                used += lk.evaluated_tokens + lk.n_tokens
+                used += lk.evaluated_tokens
                 if self.cache is not None:
                     self.cache.put(keys[i], "loglikelihood", self.backend.model, lk.to_json())
             self._settle(reserved, used)
             for j, lk in enumerate(scored):
                 self.accounting.record_call(
                     self.role,
-                    prompt_tokens=lk.evaluated_tokens + lk.n_tokens,
+                    prompt_tokens=lk.evaluated_tokens,
                     completion_tokens=0,
                     seconds=elapsed if j == 0 else 0.0,
                 )

@@ -99,7 +99,7 @@ class FakeBackend:
                 Likelihood(
                     token_logprobs=tuple(lps),
                     tokens=tuple(_words(r.response)) or ("",),
-                    evaluated_tokens=sum(len(m.content.split()) for m in r.messages),
+                    evaluated_tokens=sum(len(m.content.split()) for m in r.messages) + len(lps),
                 )
             )
         return out

@@ -249,7 +249,7 @@ def parse_echo_logprobs(data: Any, response: str) -> Likelihood:
     return Likelihood(
         token_logprobs=tuple(float(v) for v in values),
         tokens=tuple(str(tokens[i]) for i in span),
-        evaluated_tokens=max(0, prompt_tokens - len(values)),  # the prompt part; the client adds n_tokens
+        evaluated_tokens=prompt_tokens,  # the echoed prompt holds prompt and response
     )
 
 
@@ -294,7 +294,7 @@ def parse_vllm_prompt_logprobs(data: Any, response: str) -> Likelihood:
     return Likelihood(
         token_logprobs=tuple(float(v) for v in values),
         tokens=tuple(picked[i][0] for i in span),
-        evaluated_tokens=max(0, prompt_tokens - len(values)),
+        evaluated_tokens=prompt_tokens,
     )
 
 
