@@ -216,20 +216,25 @@ def redundancy_study(embedder) -> dict:
     for mode, m in train_margins.items():
         fake, conf = np.asarray(m["fake"]), np.asarray(m["conforming"])
         out.setdefault("fit", {})[mode] = {
-            "tau_no_intercept": fit_tau(fake, conf),
-            "tau_logistic_slope": _logistic_slope(fake, conf),
+            "tau_fit_tau": fit_tau(fake, conf),
+            "tau_without_intercept": _tau_without_intercept(fake, conf),
             "mean_margin_fake": float(fake.mean()),
             "mean_margin_conforming": float(conf.mean()),
         }
     return out
 
 
-def _logistic_slope(pos: np.ndarray, neg: np.ndarray) -> float:
-    from picaco.judge.offline import fit_platt
+def _tau_without_intercept(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The MLE of σ(τ·d) with no intercept, for comparison (it collapses when all d < 0)."""
+    from scipy.optimize import minimize_scalar
 
     d = np.concatenate([pos, neg])
     y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    return fit_platt(d, y)[0]
+
+    def nll(tau: float) -> float:
+        return float(np.sum(np.logaddexp(0.0, tau * d) - y * tau * d))
+
+    return float(minimize_scalar(nll, bounds=(0.0, 100.0), method="bounded").x)
 
 
 # -- report -----------------------------------------------------------------------------------------

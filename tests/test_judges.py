@@ -3,10 +3,13 @@ retries and injection handling (fake backend: logic only), and the offline judge
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 
+from picaco.judge import offline as offline_mod
 from picaco.judge.base import EPSILON, Judge, ValueScore, prob_to_rating, rating_to_prob
 from picaco.judge.llm import (
     LLMJudge,
@@ -17,6 +20,8 @@ from picaco.judge.llm import (
     parse_item_ratings,
     parse_rating,
 )
+from picaco.judge.labeled import available_values, labeled_dir, load_rows
+from picaco.judge.offline import OfflineJudge, split_sentences, train
 from picaco.llm.base import Capabilities, GenerateRequest
 from picaco.llm.client import LLMClient
 from picaco.llm.fake import FakeBackend
@@ -214,15 +219,6 @@ async def test_fence_only_policy_still_fences_and_asks_the_model():
 
 # -- the offline judge (real embeddings, real labeled data) ----------------------------------------
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from picaco.judge import offline as offline_mod  # noqa: E402
-from picaco.judge.labeled import available_values, labeled_dir, load_rows  # noqa: E402
-from picaco.judge.offline import OfflineJudge, split_sentences, train  # noqa: E402
-
 CONFUCIAN = load_value_set("confucianism-4")
 
 
@@ -337,7 +333,7 @@ async def test_scores_every_value_including_a_users_own(embedder, confucian_weig
 
 
 def test_weights_are_cached_and_reloaded(embedder, tmp_path, monkeypatch):
-    monkeypatch.setenv("PICACO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PICACO_MODELS_DIR", str(tmp_path))
     first = OfflineJudge(embedder, values=["hedonism"])
     w1 = first.weights
     assert first.cache_path().is_file() and first.cache_path().parent == tmp_path / "judges"

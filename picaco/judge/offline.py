@@ -25,7 +25,8 @@ Logits become probabilities by Platt scaling fitted on out-of-fold logits (group
 values, leave-one-value-out for the shared model), so q_ω is calibrated for the use it gets.
 
 Training is deterministic (L-BFGS from zeros) and takes well under a minute once the train split is
-embedded; the weights are cached under ``picaco.paths.cache_dir()/judges`` keyed by the labeled data,
+embedded; the weights are cached under ``picaco.paths.models_dir()/judges`` (by default inside
+``cache_dir()``) keyed by the labeled data,
 the embedding model, the value definitions, the config and :data:`FEATURE_VERSION`.
 """
 
@@ -367,7 +368,10 @@ class OfflineJudge:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def cache_path(self) -> Path:
-        return paths.cache_dir() / "judges" / f"offline-{self.cache_key()}.npz"
+        # Next to the verified model files (by default <cache_dir>/models): the weights are a model
+        # derived deterministically from hashed inputs, and test sessions that redirect the call
+        # cache still reuse them instead of retraining.
+        return paths.models_dir() / "judges" / f"offline-{self.cache_key()}.npz"
 
     @property
     def weights(self) -> OfflineWeights:
