@@ -43,10 +43,11 @@ def load_inputs(config: RunConfig, split: str = "train") -> tuple[ValueSet, list
 
 
 def build_redundancy(value_set: ValueSet):
-    from picaco.embeddings import Embedder
+    from picaco.embeddings import shared_embedder
     from picaco.redundancy import RedundancyModel
 
-    return RedundancyModel(Embedder(), value_set)
+    # one process-wide embedder: the offline judge embeds the same texts and shares its cache
+    return RedundancyModel(shared_embedder(), value_set)
 
 
 async def optimize_async(
