@@ -33,6 +33,7 @@ from picaco.evaluate import metrics
 from picaco.evaluate.report import markdown_summary
 from picaco.llm.client import LLMClient
 from picaco.values import ValueSet
+from picaco.optimize.rundir import drop_partial_tail, lock_directory
 
 SAMPLES = "samples.jsonl"
 STATE = "evaluation.json"
@@ -58,16 +59,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def drop_partial_tail(path: Path) -> None:
-    """Cut a last line that has no newline (the process was killed while writing it)."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -112,17 +103,7 @@ class _Store:
 
     def _lock(self) -> int | None:
         # two processes appending to one samples.jsonl would interleave rows: refuse the second
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks
-            return None
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"{self.dir} is in use by another evaluation") from None
-        return fd
+        return lock_directory(self.dir, "another evaluation")
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -35,6 +35,38 @@ def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, allow_nan=False)
 
 
+def lock_directory(path: Path, holder: str) -> int | None:
+    """Take an exclusive advisory lock on `path/.lock`; the returned descriptor holds it until closed.
+
+    A second process on the same directory gets a one-line ConfigError naming `holder`.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a second process is the user's problem
+        return None
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{path} is in use by {holder}") from None
+    return fd
+
+
+def drop_partial_tail(path: Path) -> None:
+    """Cut a last line that has no newline (the process was killed while writing it)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1  # 0 when the only line is partial
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class RunDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -72,17 +104,7 @@ class RunDir:
         return True
 
     def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; a second process is the user's problem
-            return
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"{self.path} is in use by another picaco process") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(self.path, "another picaco process")
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -94,14 +116,7 @@ class RunDir:
         if not path.exists():
             path.touch()
             return
-        data = path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1  # 0 when the only line is partial
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-            f.flush()
-            os.fsync(f.fileno())
+        drop_partial_tail(path)
 
     # -- records ---------------------------------------------------------------------------------
     def append(self, name: str, record: dict) -> None:
