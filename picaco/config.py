@@ -33,6 +33,9 @@ class RoleConfig(BaseModel):
     #: embedded: a registry name (`picaco models list`) or a path to a GGUF file; openai: the served model
     model: str = "qwen2.5-coder-0.5b"
     base_url: str | None = None
+    #: more OpenAI-compatible base URLs serving the same model: requests are spread over
+    #: base_url + endpoints, and an endpoint that keeps failing is skipped (failover)
+    endpoints: list[str] = Field(default_factory=list)
     #: environment variable holding the API key (openai backend); the key itself is never stored
     api_key_env: str | None = None
     #: or a file containing only the key
