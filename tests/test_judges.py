@@ -20,8 +20,8 @@ from picaco.judge.llm import (
     parse_item_ratings,
     parse_rating,
 )
-from picaco.judge.labeled import available_values, labeled_dir, load_rows
-from picaco.judge.offline import OfflineJudge, split_sentences, train
+from picaco.judge.labeled import LABELS, available_values, labeled_dir, load_rows
+from picaco.judge.offline import OfflineJudge, item_features, split_sentences, train
 from picaco.llm.base import Capabilities, GenerateRequest
 from picaco.llm.client import LLMClient
 from picaco.llm.fake import FakeBackend
@@ -231,7 +231,7 @@ def embedder(minilm_dir):
 
 @pytest.fixture(scope="module")
 def confucian_weights(embedder):
-    return train(embedder, values=CONFUCIAN.ids)
+    return train(embedder, values=CONFUCIAN.ids, lovo=False)
 
 
 def test_labeled_data_split_hygiene():
@@ -253,6 +253,79 @@ def test_labeled_data_split_hygiene():
     assert not labeled_queries & query_texts, "a labeled query reuses a query-set text"
 
 
+def test_labeled_groups_are_complete_and_queries_do_not_cross_splits():
+    rows = load_rows()
+    assert len({r.id for r in rows}) == len(rows), "duplicate row ids"
+    labels_of: dict[str, list[str]] = {}
+    for r in rows:
+        labels_of.setdefault(r.group, []).append(r.label)
+        assert r.group.startswith(f"{r.value}-g") and r.id == f"{r.group}-{r.label}", r.id
+    assert all(sorted(ls) == sorted(LABELS) for ls in labels_of.values()), "a group lacks a label"
+    # a query (or a response) reused across splits would let training see held-out material
+    for field in ("query", "response"):
+        train_texts = {getattr(r, field).strip().lower() for r in rows if r.split == "train"}
+        heldout_texts = {getattr(r, field).strip().lower() for r in rows if r.split == "heldout"}
+        assert not train_texts & heldout_texts, field
+
+
+def test_training_never_embeds_heldout_text(embedder):
+    heldout = load_rows(["tradition"], split="heldout")
+    seen: set[str] = set()
+
+    class Recording:
+        def embed(self, texts):
+            seen.update(texts)
+            return embedder.embed(texts)
+
+        def identity(self):
+            return embedder.identity()
+
+    train(Recording(), values=["tradition"], lovo=False)
+    heldout_text = set()
+    for r in heldout:
+        heldout_text |= {r.query, r.response, *split_sentences(r.query), *split_sentences(r.response)}
+    assert seen and not seen & heldout_text
+
+
+def test_item_features_layout():
+    rng = np.random.default_rng(0)
+    r, q = rng.normal(size=(3, 384)), rng.normal(size=(3, 384))
+    r_max = rng.normal(size=(3, 384))
+    F = item_features(r, q, r_max)
+    assert F.shape == (3, 4 * 384)
+    np.testing.assert_allclose(F[:, 384:768], r - q)
+    np.testing.assert_allclose(F[:, 768:1152], r * q * np.sqrt(384))
+    np.testing.assert_allclose(F[:, 1152:], r_max)
+    d = rng.normal(size=384)
+    S = offline_mod.shared_features(r, q, r_max, d)
+    assert S.shape == (3, 6 * 384)
+    np.testing.assert_allclose(S[:, : 4 * 384], F)
+
+
+def test_max_pool_keeps_one_outstanding_sentence(embedder):
+    calm = "Water the plants every morning before work. Check the soil with a finger first."
+    odd = calm + " Then set fire to the neighbour's shed for fun."
+    mean, mx = offline_mod.represent_pooled(embedder, [calm, odd])
+    assert mean.shape == mx.shape == (2, 384)
+    sentences = embedder.embed(split_sentences(odd)).astype(np.float64)
+    np.testing.assert_allclose(mx[1], sentences.max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(mean, axis=1), 1.0)
+
+
+def test_cache_key_follows_data_and_feature_version(embedder, tmp_path, monkeypatch):
+    for v in ("hedonism",):
+        (tmp_path / f"{v}.jsonl").write_bytes((labeled_dir() / f"{v}.jsonl").read_bytes())
+    judge = OfflineJudge(embedder, values=["hedonism"], directory=tmp_path)
+    key = judge.cache_key()
+    assert OfflineJudge(embedder, values=["hedonism"], directory=tmp_path).cache_key() == key
+    monkeypatch.setattr(offline_mod, "FEATURE_VERSION", offline_mod.FEATURE_VERSION + 1)
+    assert judge.cache_key() != key
+    monkeypatch.undo()
+    path = tmp_path / "hedonism.jsonl"
+    path.write_text(path.read_text().replace("train", "heldout", 1))
+    assert judge.cache_key() != key
+
+
 def test_training_reads_only_the_train_split(embedder, monkeypatch):
     seen = []
     real = offline_mod.load_rows
@@ -269,7 +342,7 @@ def test_training_reads_only_the_train_split(embedder, monkeypatch):
 
 
 def test_training_is_deterministic(embedder, confucian_weights):
-    again = train(embedder, values=CONFUCIAN.ids)
+    again = train(embedder, values=CONFUCIAN.ids, lovo=False)
     for v in CONFUCIAN.ids:
         np.testing.assert_array_equal(again.value_w[v], confucian_weights.value_w[v])
     np.testing.assert_array_equal(again.shared_w, confucian_weights.shared_w)

@@ -8,8 +8,10 @@ Representation (docs/judges.md has the measurements behind each choice):
 * a text is represented by the normalized mean of its *sentence* embeddings (MiniLM). Averaging
   sentences keeps each sentence's stance visible; one embedding of the whole text is dominated by
   its topic (cross-validated pairwise accuracy 0.92 vs 0.83);
-* features of an item are ``[r, r − q]``: the response, and the response minus the query (which
-  removes most of the topic the query imposes).
+* features of an item are ``[r, r − q, √384·(r ⊙ q), max_s]``: the response; the response minus
+  the query (which removes most of the topic the query imposes); their elementwise product (does
+  the response take up what was asked, for relevance); and the per-dimension max over the
+  response's sentences, so that one sentence that stands out is not averaged away.
 
 Two models, both logistic, trained with a pointwise loss (conforming vs. not) plus a pairwise loss
 that ranks each group's conforming response above its violating, fake and irrelevant ones:
@@ -24,8 +26,8 @@ that ranks each group's conforming response above its violating, fake and irrele
 Logits become probabilities by Platt scaling fitted on out-of-fold logits (group k-fold for known
 values, leave-one-value-out for the shared model), so q_ω is calibrated for the use it gets.
 
-Training is deterministic (L-BFGS from zeros) and takes well under a minute once the train split is
-embedded; the weights are cached under ``picaco.paths.models_dir()/judges`` (by default inside
+Training is deterministic (L-BFGS from zeros) and takes one to a few minutes on 2 cores once the
+train split is embedded; the weights are cached under ``picaco.paths.models_dir()/judges`` (by default inside
 ``cache_dir()``) keyed by the labeled data,
 the embedding model, the value definitions, the config and :data:`FEATURE_VERSION`.
 """
@@ -50,7 +52,7 @@ from picaco.judge.base import ValueScore
 from picaco.judge.labeled import LabeledRow, available_values, data_fingerprint, load_rows
 
 #: bump when features or training change, so cached weights are rebuilt
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 _DIM = 384
 # Conditioned features are products of two unit vectors (entries ~1/384); scaling them by √384 puts
 # them on the same footing as the plain embedding entries under one L2 penalty.
@@ -59,12 +61,16 @@ _COND_SCALE = float(np.sqrt(_DIM))
 
 @dataclass(frozen=True)
 class OfflineConfig:
-    lam_value: float = 1.0
+    lam_value: float = 0.3
     lam_shared: float = 1.0
     pair_weight: float = 1.0
     #: weight of the per-value probe's logit against the shared model's, for known values
     blend: float = 0.75
     folds: int = 7
+    #: train on one half (0 or 1) of every value's train groups; None: all of them. The two halves
+    #: are disjoint, so a run can optimize against one judge and be evaluated by the other
+    #: (cross-fitting): a gain that only exploits one probe's quirks does not carry over.
+    half: int | None = None
 
 
 # -- text representation ---------------------------------------------------------------------------
@@ -84,18 +90,27 @@ def split_sentences(text: str, min_chars: int = 20) -> list[str]:
     return out or [text.strip()]
 
 
-def represent(embedder, texts: Sequence[str]) -> np.ndarray:
-    """Normalized mean of each text's sentence embeddings; all sentences go in one embed call."""
+def represent_pooled(embedder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(normalized mean, per-dimension max) of each text's sentence embeddings; all sentences go in
+    one embed call."""
     split = [split_sentences(t) for t in texts]
     flat = [s for parts in split for s in parts]
     vecs = embedder.embed(flat) if flat else np.zeros((0, _DIM), np.float32)
-    out = np.empty((len(texts), vecs.shape[1] if len(vecs) else _DIM), dtype=np.float64)
+    mean_out = np.empty((len(texts), _DIM), dtype=np.float64)
+    max_out = np.empty((len(texts), _DIM), dtype=np.float64)
     start = 0
     for i, parts in enumerate(split):
-        mean = vecs[start : start + len(parts)].mean(axis=0)
-        out[i] = mean / max(np.linalg.norm(mean), 1e-12)
+        chunk = vecs[start : start + len(parts)]
+        mean = chunk.mean(axis=0)
+        mean_out[i] = mean / max(np.linalg.norm(mean), 1e-12)
+        max_out[i] = chunk.max(axis=0)
         start += len(parts)
-    return out
+    return mean_out, max_out
+
+
+def represent(embedder, texts: Sequence[str]) -> np.ndarray:
+    """Normalized mean of each text's sentence embeddings."""
+    return represent_pooled(embedder, texts)[0]
 
 
 def value_direction(embedder, value) -> np.ndarray:
@@ -106,13 +121,16 @@ def value_direction(embedder, value) -> np.ndarray:
     return c - n
 
 
-def item_features(r: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.hstack([r, r - q])
+def item_features(r: np.ndarray, q: np.ndarray, r_max: np.ndarray) -> np.ndarray:
+    """[r, r − q, √384·(r ⊙ q), max-pooled r] (r, q: sentence means; r_max: sentence max)."""
+    return np.hstack([r, r - q, r * q * _COND_SCALE, r_max])
 
 
-def shared_features(r: np.ndarray, q: np.ndarray, direction: np.ndarray) -> np.ndarray:
+def shared_features(
+    r: np.ndarray, q: np.ndarray, r_max: np.ndarray, direction: np.ndarray
+) -> np.ndarray:
     d = np.atleast_2d(direction) * _COND_SCALE
-    return np.hstack([r, r - q, r * d, (r - q) * d])
+    return np.hstack([item_features(r, q, r_max), r * d, (r - q) * d])
 
 
 def definition_key(value) -> str:
@@ -252,14 +270,14 @@ def train(
 ) -> OfflineWeights:
     """Fit the per-value probes, the shared model and both calibrations on the train split only."""
     value_ids = list(values) if values is not None else available_values(directory)
-    rows = load_rows(value_ids, split="train", directory=directory)
+    rows = train_half(load_rows(value_ids, split="train", directory=directory), config.half)
     definitions = labeled_value_definitions(value_ids)
-    r = represent(embedder, [row.response for row in rows])
+    r, r_max = represent_pooled(embedder, [row.response for row in rows])
     q = represent(embedder, [row.query for row in rows])
     y = np.array([row.conforms for row in rows], dtype=np.float64)
     directions = {i: value_direction(embedder, definitions[i]) for i in value_ids}
-    F_item = item_features(r, q)
-    F_shared = shared_features(r, q, np.stack([directions[row.value] for row in rows]))
+    F_item = item_features(r, q, r_max)
+    F_shared = shared_features(r, q, r_max, np.stack([directions[row.value] for row in rows]))
     by_value = {v: [i for i, row in enumerate(rows) if row.value == v] for v in value_ids}
     everything = list(range(len(rows)))
     lam_v, lam_s, pw = config.lam_value, config.lam_shared, config.pair_weight
@@ -308,6 +326,19 @@ def train(
               "values": value_ids, "config": asdict(config), "version": FEATURE_VERSION},
         oof=oof,
     )
+
+
+def train_half(rows: Sequence[LabeledRow], half: int | None) -> list[LabeledRow]:
+    """Half 0 or 1 of every value's groups (sorted group ids dealt alternately); all rows for None."""
+    if half is None:
+        return list(rows)
+    if half not in (0, 1):
+        raise ValueError(f"half must be 0, 1 or None, not {half!r}")
+    keep: set[str] = set()
+    for value in {row.value for row in rows}:
+        groups = sorted({row.group for row in rows if row.value == value})
+        keep.update(g for n, g in enumerate(groups) if n % 2 == half)
+    return [row for row in rows if row.group in keep]
 
 
 def _group_folds(rows, by_value: dict[str, list[int]], folds: int) -> list[int]:
@@ -394,7 +425,10 @@ class OfflineJudge:
         return weights
 
     def identity(self) -> dict:
-        return {"kind": "offline", "weights": self.cache_key(), "version": FEATURE_VERSION}
+        ident = {"kind": "offline", "weights": self.cache_key(), "version": FEATURE_VERSION}
+        if self.config.half is not None:
+            ident["half"] = self.config.half
+        return ident
 
     # -- scoring ----------------------------------------------------------------------------------
     def is_known(self, value) -> bool:
@@ -413,12 +447,12 @@ class OfflineJudge:
         if not items:
             return {v.id: np.zeros(0) for v in value_set.values}
         w = self.weights
-        r = represent(self.embedder, [y for _, y in items])
+        r, r_max = represent_pooled(self.embedder, [y for _, y in items])
         q = represent(self.embedder, [x for x, _ in items])
-        F_item = item_features(r, q)
+        F_item = item_features(r, q, r_max)
         out = {}
         for value in value_set.values:
-            shared = _logits(shared_features(r, q, self._direction(value)), w.shared_w)
+            shared = _logits(shared_features(r, q, r_max, self._direction(value)), w.shared_w)
             if self.is_known(value):
                 own = _logits(F_item, w.value_w[value.id])
                 out[value.id] = self.config.blend * own + (1 - self.config.blend) * shared
