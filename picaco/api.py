@@ -29,8 +29,23 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_models(config: RunConfig) -> None:
+    """Fail before anything is written when an embedded role's model is unusable (not pulled, a
+    missing or non-GGUF path), naming the config field. Cheap: no model is loaded or hashed."""
+    from picaco.llm.registry import check_chat_model
+
+    roles = {"target": config.target, "optimizer": config.optimizer}
+    for name, judge in (("judge", config.judge), ("eval_judge", config.eval_judge)):
+        if judge is not None and judge.type == "llm":
+            roles[name] = judge
+    for name, role in roles.items():
+        if role.backend == "embedded":
+            check_chat_model(role.model, field=f"{name}.model")
+
+
 def load_inputs(config: RunConfig, split: str = "train") -> tuple[ValueSet, list[Query]]:
-    """The value set and the queries of one split (the set's family query set unless one is named)."""
+    """The value set and the queries of one split (the set's family query set unless one is named),
+    then a check of the embedded models: every bad input fails here, before any run directory exists."""
     value_set = load_value_set(config.values)
     source = config.queries
     if source is None:
@@ -39,7 +54,9 @@ def load_inputs(config: RunConfig, split: str = "train") -> tuple[ValueSet, list
                 f"value set {value_set.name!r} has family {value_set.family!r}: name a query file with `queries:`"
             )
         source = value_set.family
-    return value_set, load_queries(source, split)
+    queries = load_queries(source, split)
+    check_models(config)
+    return value_set, queries
 
 
 def build_redundancy(value_set: ValueSet):

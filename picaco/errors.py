@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+#: a message longer than this is cut: one line must stay readable even when a file quotes megabytes
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` on one line (any line break becomes a space), cut to `limit` characters in the middle:
+    the start names the file or field and the end usually says what to do, so both are kept."""
+    flat = " ".join(text.splitlines()) if text else ""
+    if len(flat) <= limit:
+        return flat
+    head = limit // 3
+    return flat[:head] + "…" + flat[len(flat) - (limit - head - 1):]
+
 
 class PicacoError(Exception):
     """A problem with the user's input or environment; `str(err)` is a complete one-line message."""
 
     exit_code = 2
+
+    def __init__(self, *args: object):
+        # Enforced here, not at every raise: file names and quoted values may carry line breaks.
+        if args and isinstance(args[0], str):
+            args = (one_line(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(PicacoError):
@@ -44,6 +63,6 @@ def describe_validation_error(err, source: str) -> str:
     problems = err.errors()
     first = problems[0]
     where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    msg = first.get("msg", "invalid").removeprefix("Value error, ")
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     return f"{source}: {where}: {msg}{more}"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 from picaco import paths
-from picaco.errors import ModelIntegrityError, ModelNotPulled, PicacoError
+from picaco.errors import ConfigError, ModelIntegrityError, ModelNotPulled, PicacoError
 
 ModelKind = Literal["chat", "embedding"]
 
@@ -218,6 +218,48 @@ def list_models(*, models_dir: Path | None = None) -> list[ModelStatus]:
         )
         for spec in MODELS.values()
     ]
+
+
+#: every GGUF file starts with these four bytes
+GGUF_MAGIC = b"GGUF"
+
+
+def check_chat_model(model: str, *, field: str = "model", models_dir: Path | None = None) -> None:
+    """Fail fast, naming `field`, when an embedded chat model cannot be used: a registry name not pulled
+    (says which command pulls it), or a path that is missing, not a file or not a GGUF file.
+
+    Cheap (no hashing): meant to run before a run directory is created. The full size and sha256 check
+    still happens when the model is loaded.
+    """
+    spec = MODELS.get(model)
+    if spec is not None:
+        if spec.kind != "chat":
+            raise ConfigError(f"{field}: {model!r} is an {spec.kind} model, not a chat model")
+        root = _root(models_dir)
+        if not all((root / f.relpath).is_file() for f in spec.files):
+            raise ModelNotPulled(model)
+        return
+    path = Path(model).expanduser()
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError):  # a name too long or holding a NUL byte
+        exists = is_file = False
+    if not exists:
+        looks_like_path = "/" in model or model.endswith(".gguf")
+        what = f"GGUF file not found: {path}" if looks_like_path else f"unknown model {model!r}"
+        raise ConfigError(
+            f"{field}: {what} (known models: {', '.join(sorted(n for n, s in MODELS.items() if s.kind == 'chat'))}; "
+            "see `picaco models list`, or give a path to a GGUF file)"
+        )
+    if not is_file:
+        raise ConfigError(f"{field}: {path} is not a file (expected a GGUF model file)")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ConfigError(f"{field}: {path}: cannot read: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ConfigError(f"{field}: {path} is not a GGUF model file (it does not start with 'GGUF')")
 
 
 def model_path(name: str, *, models_dir: Path | None = None) -> Path:

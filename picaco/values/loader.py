@@ -22,19 +22,31 @@ def bundled_value_sets() -> list[str]:
     return sorted(p.stem for p in _bundled_dir().glob("*.yaml"))
 
 
+def _exists(path: Path) -> bool:
+    """`path.exists()` that treats unusable names (too long, NUL byte) as absent instead of raising."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _resolve(name_or_path: str | Path, base_dir: Path | None) -> Path:
     text = str(name_or_path)
+    if not text.strip():
+        raise DataError("value set name is empty: use a bundled set name or a path to a YAML file")
     candidate = Path(text).expanduser()
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists() or "/" in text:
-        if not candidate.is_absolute() and base_dir is not None and not candidate.exists():
+    if candidate.suffix in (".yaml", ".yml") or _exists(candidate) or "/" in text:
+        if not candidate.is_absolute() and base_dir is not None and not _exists(candidate):
             candidate = base_dir / candidate
-        if not candidate.is_file():
+        if not _exists(candidate):
             raise DataError(f"value set file not found: {candidate}")
+        if not candidate.is_file():
+            raise DataError(f"{candidate}: not a regular file (a value set is a YAML file)")
         return candidate
-    if base_dir is not None and (base_dir / f"{text}.yaml").is_file():
+    if base_dir is not None and _exists(base_dir / f"{text}.yaml"):
         return base_dir / f"{text}.yaml"
     bundled = _bundled_dir() / f"{text}.yaml"
-    if bundled.is_file():
+    if _exists(bundled):
         return bundled
     raise DataError(
         f"unknown value set {text!r}: use one of {', '.join(bundled_value_sets())} or a path to a YAML file"
@@ -43,12 +55,15 @@ def _resolve(name_or_path: str | Path, base_dir: Path | None) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        if path.stat().st_size > _MAX_BYTES:
-            raise DataError(f"{path}: file is too large for a value set ({path.stat().st_size} bytes)")
+        size = path.stat().st_size
+        if size > _MAX_BYTES:
+            raise DataError(f"{path}: too large for a value set ({size:,} bytes, limit {_MAX_BYTES:,})")
         raw = path.read_bytes()
         data = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -58,6 +73,11 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: a value set must be a YAML mapping with 'name' and 'values'")
     return data
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A quoted value for an error message, cut so one bad entry cannot flood the line."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def load_value_set(name_or_path: str | Path, *, _base_dir: Path | None = None, _seen=()) -> ValueSet:
@@ -75,7 +95,7 @@ def load_value_set(name_or_path: str | Path, *, _base_dir: Path | None = None, _
     extends = data.pop("extends", None) or []
     if isinstance(extends, str):
         extends = [extends]
-    if not isinstance(extends, list):
+    if not isinstance(extends, list) or not all(isinstance(e, str) for e in extends):
         raise DataError(f"{path}: extends: must be a set name or a list of set names")
     library = {}
     for parent in extends:
@@ -91,9 +111,9 @@ def load_value_set(name_or_path: str | Path, *, _base_dir: Path | None = None, _
         if isinstance(v, str):
             if v not in library:
                 hint = f" (known from extends: {', '.join(library)})" if library else " (no 'extends' set)"
-                raise DataError(f"{path}: values.{i}: unknown value id {v!r}{hint}")
+                raise DataError(f"{path}: values.{i}: unknown value id {_short(v)}{hint}")
             resolved.append(library[v])
-        elif isinstance(v, dict) and v.get("id") in library and "definition" not in v:
+        elif isinstance(v, dict) and isinstance(v.get("id"), str) and v["id"] in library and "definition" not in v:
             # `{id: tradition, weight: 2}`: a value from an extended set with an override
             resolved.append({**library[v["id"]], **v})
         else:

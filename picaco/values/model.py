@@ -19,13 +19,14 @@ class Value(BaseModel):
     definition: str = Field(min_length=10)
     conforming: str = ""
     violating: str = ""
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     @field_validator("id")
     @classmethod
     def _id_is_snake_case(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError(f"value id {v!r} must be lowercase snake_case (e.g. 'self_direction')")
+        if not _ID.fullmatch(v):
+            shown = v if len(v) <= 80 else v[:80] + "..."
+            raise ValueError(f"value id {shown!r} must be lowercase snake_case (e.g. 'self_direction')")
         return v
 
     def spec_text(self) -> str:
