@@ -41,7 +41,7 @@ class RoleConfig(BaseModel):
     #: or a file containing only the key
     api_key_file: Path | None = None
     max_in_flight: int = Field(default=16, ge=1, le=4096)
-    timeout: float = Field(default=120.0, gt=0)
+    timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
     max_retries: int = Field(default=6, ge=0, le=100)
     #: how the openai backend gets log-likelihoods of given responses
     likelihood: Literal["auto", "completions_echo", "vllm_prompt_logprobs", "none"] = "auto"
@@ -89,6 +89,9 @@ class JudgeConfig(RoleConfig):
 
     type: Literal["offline", "llm"] = "offline"
     model: str = "qwen2.5-coder-1.5b"  # used only when type = llm
+    #: offline judge only: train on half 0 or 1 of the labeled train groups (disjoint halves), so
+    #: one half can be optimized against and the other evaluate; null trains on all of them
+    train_half: Literal[0, 1] | None = None
 
 
 def _default_optimizer() -> RoleConfig:
@@ -151,6 +154,8 @@ class RunConfig(BaseModel):
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {dotted!r}: the key needs a field name between every dot, e.g. optimize.T=5")
     node = data
     for p in parts[:-1]:
         nxt = node.get(p)
@@ -158,6 +163,8 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {dotted}: {p} is not a section")
+        # a copy, so a section shared through a YAML anchor (`optimizer: *target`) is not edited too
+        node[p] = nxt = dict(nxt)
         node = nxt
     node[parts[-1]] = value
 
@@ -169,9 +176,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip(), value
+
+
+#: a config is a few KB; anything this big is a wrong file, refused before it is read
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    try:
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: too large for a config file ({size:,} bytes, limit {MAX_CONFIG_BYTES:,})")
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise ConfigError(f"config path {str(path)!r}: {e}") from None
 
 
 def load_config(
@@ -182,18 +209,13 @@ def load_config(
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            raw = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        if len(raw) > 1_000_000:
-            raise ConfigError(f"{path}: too large for a config file ({len(raw)} bytes)")
+        raw = _read_config_bytes(Path(path))
         try:
             loaded = yaml.safe_load(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -202,7 +224,7 @@ def load_config(
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a YAML mapping of fields")
-        data = loaded
+        data = dict(loaded)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
