@@ -7,12 +7,14 @@
     MP         persona who holds the values                        1
     Modular    one draft per value, then a merge                   K + 1
     OPRO       searched instruction (needs an optimizer and judge) 1, after its search
+    GEPA       instruction searched by the `gepa` package           1, after its search (optional extra)
     Instruction(text)  any given system prompt (e.g. PICACO's)     1
 """
 
 from __future__ import annotations
 
 from picaco.baselines.bare import Bare
+from picaco.baselines.gepa_baseline import Gepa, GepaParams, GepaResult
 from picaco.baselines.base import Method, PromptMethod, fingerprint
 from picaco.baselines.instruct import ValuesInstruction
 from picaco.baselines.instruction import Instruction
@@ -44,7 +46,10 @@ _ALIASES = {
     "modular-pluralism": "Modular",
 }
 
-METHOD_NAMES = (*SIMPLE_METHODS, "OPRO")
+#: methods that search for their prompt under a call budget (they need an optimizer and a judge)
+SEARCH_METHODS = ("OPRO", "GEPA")
+
+METHOD_NAMES = (*SIMPLE_METHODS, *SEARCH_METHODS)
 
 
 def canonical_name(name: str) -> str:
@@ -59,7 +64,7 @@ def canonical_name(name: str) -> str:
 
 
 def make_simple(name: str) -> PromptMethod:
-    """A method that needs only the target (everything but OPRO and given instructions)."""
+    """A method that needs only the target (everything but OPRO, GEPA and given instructions)."""
     canonical = canonical_name(name)
     if canonical not in SIMPLE_METHODS:
         raise ConfigError(f"{canonical} needs more than a name to build (use its class)")
@@ -67,7 +72,7 @@ def make_simple(name: str) -> PromptMethod:
 
 
 __all__ = [
-    "Bare", "Instruction", "METHOD_NAMES", "Method", "Modular", "Opro", "OproParams", "OproResult",
-    "Persona", "PromptMethod", "SIMPLE_METHODS", "Urial", "UrialSum", "ValuesInstruction",
-    "budget_from_run", "canonical_name", "fingerprint", "make_simple",
+    "Bare", "Gepa", "GepaParams", "GepaResult", "Instruction", "METHOD_NAMES", "Method", "Modular", "Opro",
+    "OproParams", "OproResult", "Persona", "PromptMethod", "SEARCH_METHODS", "SIMPLE_METHODS", "Urial",
+    "UrialSum", "ValuesInstruction", "budget_from_run", "canonical_name", "fingerprint", "make_simple",
 ]

@@ -25,8 +25,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from picaco.baselines import Instruction, Opro, OproParams, budget_from_run, canonical_name, make_simple
+from picaco.baselines import (
+    Gepa, GepaParams, Instruction, Opro, OproParams, budget_from_run, canonical_name, make_simple,
+)
 from picaco.config import RunConfig
+from picaco.data.queries import Query
 from picaco.errors import ConfigError
 from picaco.evaluate.harness import EvaluationResult, Progress, evaluate
 from picaco.runtime import Runtime
@@ -39,10 +42,21 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("evaluations") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The PICACO run directory behind an instruction: the directory itself, or the directory of its
+    `instruction.txt` (the CLI passes the file); None for any other text file."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.name == "instruction.txt" and (p.parent / "accounting.json").exists():
+        return p.parent
+    return None
+
+
 def provenance_judge(path: str | Path) -> dict | None:
     """The identity of the judge a PICACO run optimized against (its provenance.json), if known."""
-    p = Path(path)
-    if not p.is_dir():
+    p = run_dir_of(path)
+    if p is None:
         return None
     try:
         prov = json.loads((p / "provenance.json").read_text(encoding="utf-8"))
@@ -74,16 +88,59 @@ def opro_params(config: RunConfig, max_calls: int, overrides: Mapping | None = N
     return OproParams(**{**base, **overrides})
 
 
-def _opro_budget(explicit: int | None, instructions: Mapping[str, Path]) -> int:
+def gepa_params(config: RunConfig, max_calls: int, overrides: Mapping | None = None) -> GepaParams:
+    """GEPA's settings from the run's preset (PICACO's minibatch as GEPA's validation set, same
+    sampling and length caps; GEPA's own reflection minibatch of 3), then any overrides."""
+    p = config.params()
+    base = {
+        "max_calls": max_calls,
+        "minibatch": p.minibatch,
+        "samples_per_query": p.samples_per_query,
+        "optimizer_temperature": p.optimizer_temperature,
+        "optimizer_max_tokens": p.optimizer_max_tokens,
+        "response_temperature": p.response_temperature,
+        "max_new_tokens": p.max_new_tokens,
+        "instruction_max_chars": p.instruction_max_chars,
+        "seed": p.seed,
+    }
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - {f.name for f in fields(GepaParams)})
+    if unknown:
+        raise ConfigError(f"unknown GEPA setting(s): {', '.join(unknown)}")
+    return GepaParams(**{**base, **overrides})
+
+
+def _search_budget(method: str, explicit: int | None, instructions: Mapping[str, Path]) -> int:
+    """A searching baseline's call budget: the explicit one, else the spend of the first PICACO run
+    among the instructions (so both cost what PICACO cost)."""
     if explicit is not None:
         return explicit
     for path in instructions.values():
-        if Path(path).is_dir() and (Path(path) / "accounting.json").exists():
-            return budget_from_run(path)
+        run = run_dir_of(path)
+        if run is not None and (run / "accounting.json").exists():
+            return budget_from_run(run)
     raise ConfigError(
-        "OPRO needs a call budget: pass a PICACO run directory as an instruction (its spend is used) "
-        "or set opro_max_calls"
+        f"{method} needs a call budget: pass a PICACO run directory as an instruction (its spend is used) "
+        f"or set {method.lower()}_max_calls"
     )
+
+
+def _search_method(method: str, config: RunConfig, rt: Runtime, instructions: Mapping[str, Path], out: Path,
+                   *, judge, max_calls: int | None, overrides: Mapping | None):
+    """OPRO or GEPA over the train split, scored by the optimization judge, state under OUT/<method>."""
+    from picaco.api import load_inputs
+
+    _, train = load_inputs(config, "train")
+    n_train = config.params().n_queries
+    if n_train is not None:
+        train = train[:n_train]
+    budget = _search_budget(method, max_calls, instructions)
+    common = dict(optimizer=rt.client("optimizer"), judge=judge, train_queries=train,
+                  seed_instruction=config.seed_instruction, accounting=rt.accounting,
+                  state_dir=out / method.lower())
+    if method == "GEPA":
+        return Gepa(params=gepa_params(config, budget, overrides), **common)
+    return Opro(params=opro_params(config, budget, overrides), **common)
 
 
 async def evaluate_config(
@@ -99,6 +156,10 @@ async def evaluate_config(
     max_tokens: int | None = None,
     opro_max_calls: int | None = None,
     opro: Mapping | None = None,
+    gepa_max_calls: int | None = None,
+    gepa: Mapping | None = None,
+    test_queries: Sequence[Query] | None = None,
+    search_dir: str | Path | None = None,
     baseline: str | None = "Q",
     n_boot: int = 2000,
     runtime: Runtime | None = None,
@@ -107,8 +168,12 @@ async def evaluate_config(
 ) -> EvaluationResult:
     """Evaluate named baselines and given instructions on the test split.
 
-    `methods` holds baseline names (Q, Q+IF, URIAL, URIAL+Sum, MP, Modular, OPRO) and may name
+    `methods` holds baseline names (Q, Q+IF, URIAL, URIAL+Sum, MP, Modular, OPRO, GEPA) and may name
     entries of `instructions` to place them; instructions not named are evaluated after the rest.
+    OPRO and GEPA search on the train split under PICACO's spend (or `opro_max_calls` /
+    `gepa_max_calls`); `opro` / `gepa` override their settings. `test_queries` replaces the test split
+    (the studies wrap queries in jailbreak templates); `search_dir` is where OPRO and GEPA keep their
+    state (default: the output directory), so several evaluations can share one search.
     """
     from picaco.api import build_redundancy, load_inputs
 
@@ -117,6 +182,8 @@ async def evaluate_config(
     if not order:
         raise ConfigError("nothing to evaluate: name at least one method or instruction")
     value_set, queries = load_inputs(config, "test")
+    if test_queries is not None:
+        queries = list(test_queries)
     if n_queries is not None:
         queries = queries[:n_queries]
     params = config.params()
@@ -140,19 +207,13 @@ async def evaluate_config(
                 path = instructions[name]
                 against = provenance_judge(path) or optimization_judge_identity()
                 built.append(Instruction.from_path(path, name, optimized_against=against))
-            elif canonical_name(name) == "OPRO":
-                _, train = load_inputs(config, "train")
-                if params.n_queries is not None:
-                    train = train[: params.n_queries]
-                budget = _opro_budget(opro_max_calls, instructions)
-                built.append(Opro(
-                    optimizer=rt.client("optimizer"),
+            elif canonical_name(name) in ("OPRO", "GEPA"):
+                built.append(_search_method(
+                    canonical_name(name), config, rt, instructions,
+                    Path(search_dir) if search_dir is not None else out,
                     judge=eval_judge if config.eval_judge is None else rt.judge("judge"),
-                    train_queries=train,
-                    params=opro_params(config, budget, opro),
-                    seed_instruction=config.seed_instruction,
-                    accounting=rt.accounting,
-                    state_dir=out / "opro",
+                    max_calls={"OPRO": opro_max_calls, "GEPA": gepa_max_calls}[canonical_name(name)],
+                    overrides={"OPRO": opro, "GEPA": gepa}[canonical_name(name)],
                 ))
             else:
                 built.append(make_simple(name))
