@@ -50,7 +50,9 @@ def _resolve(name_or_path: str | Path) -> Path:
     if not text.strip():
         raise DataError("query set name is empty: use a bundled set name or a .jsonl/.csv path")
     path = Path(text).expanduser()
-    if path.suffix in (".jsonl", ".csv", ".json") or "/" in text or _exists(path):
+    # a folder named like a bundled set (say, an output directory "hh") does not hide the set
+    looks_like_path = path.suffix in (".jsonl", ".csv", ".json") or "/" in text
+    if looks_like_path or (_exists(path) and not (path.is_dir() and _exists(_bundled_dir() / f"{text}.jsonl"))):
         if not _exists(path):
             raise DataError(f"query file not found: {path}")
         if not path.is_file():

@@ -35,7 +35,11 @@ def _resolve(name_or_path: str | Path, base_dir: Path | None) -> Path:
     if not text.strip():
         raise DataError("value set name is empty: use a bundled set name or a path to a YAML file")
     candidate = Path(text).expanduser()
-    if candidate.suffix in (".yaml", ".yml") or _exists(candidate) or "/" in text:
+    # A bare name is a path only when it names a file: a folder called "helpfulness-4" in the
+    # working directory (say, an output directory) must not hide the bundled set of that name.
+    looks_like_path = candidate.suffix in (".yaml", ".yml") or "/" in text
+    shadowed = candidate.is_dir() and _exists(_bundled_dir() / f"{text}.yaml") if _exists(candidate) else False
+    if looks_like_path or (_exists(candidate) and not shadowed):
         if not candidate.is_absolute() and base_dir is not None and not _exists(candidate):
             candidate = base_dir / candidate
         if not _exists(candidate):
