@@ -174,7 +174,11 @@ def init(
     if path.exists() and not force:
         raise PicacoError(f"{path} already exists: use --force to overwrite it")
     text = (resources.files("picaco") / "example_config.yaml").read_text()
-    path.write_text(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise PicacoError(f"cannot write {path}: {e.strerror}") from None
     out.print(f"wrote {path}; run it with: picaco optimize -c {path}")
 
 
@@ -213,7 +217,7 @@ def optimize(
     sets: list[str] = typer.Option([], "--set", help="Override any config field: --set optimize.T=5"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
-    as_json: bool = typer.Option(False, "--json", help="Progress events and the result as JSON lines on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Progress events as JSON lines on stderr, the result as JSON on stdout."),
 ) -> None:
     """Optimize a meta-instruction (system prompt) for a value set.
 

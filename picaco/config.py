@@ -94,8 +94,10 @@ class JudgeConfig(RoleConfig):
     train_half: Literal[0, 1] | None = None
 
 
-def _default_optimizer() -> RoleConfig:
-    return RoleConfig(model="qwen2.5-coder-1.5b")
+class OptimizerConfig(RoleConfig):
+    """The optimizer role: the same fields, with the larger embedded model as its default."""
+
+    model: str = "qwen2.5-coder-1.5b"
 
 
 class RunConfig(BaseModel):
@@ -108,7 +110,7 @@ class RunConfig(BaseModel):
     #: hyper-parameter preset; fields under `optimize` override it
     preset: Literal["tiny", "cpu", "paper"] = "cpu"
     target: RoleConfig = Field(default_factory=RoleConfig)
-    optimizer: RoleConfig = Field(default_factory=_default_optimizer)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     #: the evaluation judge; default: the same as `judge` (reports flag that)
     eval_judge: JudgeConfig | None = None

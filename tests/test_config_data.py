@@ -24,6 +24,20 @@ def test_empty_config_is_valid_and_offline(tmp_path):
     assert cfg.target.backend == "embedded" and cfg.judge.type == "offline"
 
 
+def test_a_role_section_without_model_keeps_its_role_default():
+    cfg = load_config(None, dict([parse_override("optimizer.n_ctx=8192"), parse_override("target.n_ctx=8192")]))
+    assert cfg.optimizer.model == "qwen2.5-coder-1.5b" and cfg.target.model == "qwen2.5-coder-0.5b"
+
+
+def test_a_folder_named_like_a_bundled_set_does_not_hide_it(tmp_path, monkeypatch):
+    # `picaco compare --values helpfulness-4 -o helpfulness-4` creates exactly such a folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "helpfulness-4").mkdir()
+    (tmp_path / "hh").mkdir()
+    assert load_value_set("helpfulness-4").name == "helpfulness-4"
+    assert len(load_queries("hh")) > 100
+
+
 def test_overrides_use_dotted_paths():
     cfg = load_config(None, dict([parse_override("target.model=smollm2-135m"), parse_override("max_calls=50")]))
     assert cfg.target.model == "smollm2-135m" and cfg.max_calls == 50
@@ -172,6 +186,13 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_init_creates_missing_folders(tmp_path):
+    target = tmp_path / "new" / "dir" / "picaco.yaml"
+    r = _cli("init", str(target))
+    assert r.returncode == 0, r.stderr
+    assert load_config(target).values == "helpfulness-4"
 
 
 def test_cli_values_show_json():
