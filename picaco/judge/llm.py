@@ -312,7 +312,9 @@ class LLMJudge:
                 rating, how = _rating_from(completion, *parsed)
                 self._count(how)
                 return ValueScore.from_rating(value.id, rating)
+            self._account("no_rating")
         self.stats.unscored += 1
+        self._account("unscored")
         return ValueScore.unscored(value.id, "unparsed")
 
     async def _score_all_values(self, value_set, query: str, response: str) -> dict[str, ValueScore]:
@@ -331,12 +333,21 @@ class LLMJudge:
                     found[vid] = ValueScore.from_rating(vid, value)
             if len(found) == len(ids):
                 break
+            self._account("no_rating")
         out = {}
         for vid in ids:
             if vid not in found:
                 self.stats.unscored += 1
+                self._account("unscored")
             out[vid] = found.get(vid) or ValueScore.unscored(vid, "unparsed")
         return out
+
+    def _account(self, kind: str) -> None:
+        """Count an answer without a rating ("no_rating") or a value given up on ("unscored") as a
+        fault of the judge's role, so it shows in accounting.json next to the transport faults."""
+        accounting = getattr(self.client, "accounting", None)
+        if accounting is not None:
+            accounting.record_faults(self.client.role, {kind: 1}, 0)
 
     def _count(self, how: str) -> None:
         if how == "logprobs":

@@ -7,8 +7,11 @@ Every request that reaches a backend (or is answered from the cache) is counted 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from picaco.errors import BudgetExhausted
@@ -34,6 +37,32 @@ class RoleStats:
             "retries": self.retries,
             "faults": dict(self.faults),
         }
+
+
+# Faults met while serving one logical call. Backends are often shared between roles, so a backend-wide
+# counter cannot say which role a fault belongs to; the client opens a sink around each call and the
+# backend reports into whichever sink is open in its task (tasks inherit it from the caller).
+_CALL_FAULTS: contextvars.ContextVar[Counter | None] = contextvars.ContextVar(
+    "picaco_call_faults", default=None
+)
+
+
+def report_fault(kind: str, n: int = 1) -> None:
+    """Count a fault kind (or ``"retries"``) against the call being served, if a client is counting."""
+    sink = _CALL_FAULTS.get()
+    if sink is not None:
+        sink[kind] += n
+
+
+@contextlib.contextmanager
+def collect_faults() -> Iterator[Counter]:
+    """Open a sink for the faults of one call; yields the Counter the backend reports into."""
+    sink: Counter = Counter()
+    token = _CALL_FAULTS.set(sink)
+    try:
+        yield sink
+    finally:
+        _CALL_FAULTS.reset(token)
 
 
 class Budget:

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections import Counter
 
-from picaco.llm.accounting import Accounting, Budget
+from picaco.llm.accounting import Accounting, Budget, collect_faults
 from picaco.llm.base import (
     Backend,
     CapabilityMissing,
@@ -56,7 +56,11 @@ class LLMClient:
         """Let a backend find out what its server can do (once); call before reading `has()`."""
         probe = getattr(self.backend, "probe", None)
         if probe is not None and not self._probed:
-            await probe()
+            with collect_faults() as faults:
+                try:
+                    await probe()
+                finally:
+                    self._record_faults(faults)
         self._probed = True
 
     def has(self, capability: str) -> bool:
@@ -109,13 +113,14 @@ class LLMClient:
         reserved = self._reserve(request.max_tokens + _rough_tokens(request.messages))
         async with self._sem:
             t0 = time.perf_counter()
-            try:
-                out = await self.backend.generate(request)
-            except BaseException:
-                self._release(reserved)
-                raise
-            finally:
-                self.sync_faults()
+            with collect_faults() as faults:
+                try:
+                    out = await self.backend.generate(request)
+                except BaseException:
+                    self._release(reserved)
+                    raise
+                finally:
+                    self._record_faults(faults)
             elapsed = time.perf_counter() - t0
         self._settle(reserved, out.prompt_tokens + out.completion_tokens)
         self.accounting.record_call(
@@ -159,14 +164,15 @@ class LLMClient:
             reserved = sum(reservations)
             async with self._sem:
                 t0 = time.perf_counter()
-                try:
-                    scored = await self.backend.loglikelihood(batch)
-                except BaseException:
-                    for r in reservations:
-                        self._release(r)
-                    raise
-                finally:
-                    self.sync_faults()
+                with collect_faults() as faults:
+                    try:
+                        scored = await self.backend.loglikelihood(batch)
+                    except BaseException:
+                        for r in reservations:
+                            self._release(r)
+                        raise
+                    finally:
+                        self._record_faults(faults)
                 elapsed = time.perf_counter() - t0
             used = 0
             for i, lk in zip(missing, scored):
@@ -197,6 +203,20 @@ class LLMClient:
     def _release(self, reserved: int) -> None:
         if self.budget is not None:
             self.budget.release(reserved)
+
+    def _record_faults(self, call_faults: Counter) -> None:
+        """Count the faults of one call against this role.
+
+        A backend that reports per call (``reports_call_faults``) filled ``call_faults``; for any
+        other backend the backend-wide counters are diffed, which is exact only when this role is
+        the backend's sole user.
+        """
+        if not getattr(self.backend, "reports_call_faults", False):
+            self.sync_faults()
+            return
+        if call_faults:
+            retries = call_faults.pop("retries", 0)
+            self.accounting.record_faults(self.role, dict(call_faults), retries)
 
     def sync_faults(self) -> None:
         """Copy fault and retry counters a backend keeps (if any) into this role's accounting."""

@@ -1,10 +1,11 @@
 """A backend for any OpenAI-compatible endpoint: OpenAI, vLLM, SGLang, llama.cpp server, Ollama, ...
 
 It talks through the official ``openai`` SDK (``AsyncOpenAI``) with the SDK's own retries switched
-off: this module runs the retry loop itself so that every fault kind and every retry is counted in
-``self.stats`` (fault kind -> count, plus ``"retries"``), which the client layer copies into the run's
-accounting. At most ``max_in_flight`` HTTP requests are in flight at any time; a request waiting to
-retry does not hold a slot.
+off: this module runs the retry loop itself so that every fault kind and every retry is counted, in
+``self.stats`` (fault kind -> count, plus ``"retries"``, over all calls) and against the call that met
+it (``picaco.llm.accounting.report_fault``), which the client layer adds to the run's accounting under
+the calling role. At most ``max_in_flight`` HTTP requests are in flight at any time; a request
+waiting to retry does not hold a slot.
 
 Log-likelihood of a given response (``loglikelihood``) needs the server to score prompt tokens, which
 the chat API cannot do. Two server features are supported, chosen by ``likelihood``:
@@ -39,6 +40,7 @@ from typing import Any, Literal
 import openai
 
 from picaco.errors import BackendError, ConfigError
+from picaco.llm.accounting import report_fault
 from picaco.llm.base import (
     Capabilities,
     CapabilityMissing,
@@ -55,6 +57,9 @@ _MODES = ("auto", "completions_echo", "vllm_prompt_logprobs", "none")
 
 #: statuses worth retrying; every other 4xx is the caller's mistake and fails at once
 _RETRYABLE_STATUS = {408: "request_timeout", 409: "conflict", 429: "rate_limited"}
+#: faults that say the endpoint is unreachable or overloaded now, not that it lacks a feature
+_TRANSIENT_KINDS = {"timeout", "connection", "rate_limited", "request_timeout", "conflict"}
+_TRANSIENT_STATUS = {502, 503, 504}
 _PLACEHOLDER_KEY = "EMPTY"  # local servers ignore the key, but the SDK insists on one
 
 
@@ -118,6 +123,10 @@ class _Malformed(Exception):
 
 class _Unsupported(Exception):
     """The server answered well-formed but without a feature we asked for; retrying cannot help."""
+
+
+class _Unreachable(Exception):
+    """The likelihood probe could not get an answer (transport faults past its retries)."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +349,9 @@ class TransportStats:
 
 class OpenAIBackend:
     kind = "openai"
+    #: faults are also reported per call (``picaco.llm.accounting.report_fault``), so a client can
+    #: attribute them to its role even when several roles share this backend
+    reports_call_faults = True
 
     def __init__(
         self,
@@ -381,8 +393,10 @@ class OpenAIBackend:
         )
         self._sem = asyncio.Semaphore(max_in_flight)
         self._probed = False
+        self._probe_unreachable: str | None = None  # why the last probe got no answer, if it did not
         self._probe_lock = asyncio.Lock()
-        #: fault kind -> count, plus "retries"; read by LLMClient.sync_faults
+        #: fault kind -> count, plus "retries", over all calls; each call's own faults also go to
+        #: ``report_fault`` so the client can count them against the role that made the call
         self.stats: Counter[str] = Counter()
         self.transport = TransportStats()
 
@@ -466,7 +480,9 @@ class OpenAIBackend:
         if fault.status == 401:
             detail = ": the server rejected the API key (check the key's environment variable or key file)"
         tries = "" if not fault.retryable else f" after {attempts} attempts"
-        return BackendError(f"{what} failed{tries}: {status} from {endpoint} (model {self.model}){detail}")
+        err = BackendError(f"{what} failed{tries}: {status} from {endpoint} (model {self.model}){detail}")
+        err.fault = fault  # type: ignore[attr-defined]  # lets the probe tell "down" from "cannot"
+        return err
 
     async def _call(
         self,
@@ -502,6 +518,7 @@ class OpenAIBackend:
                 return parse(data)
             except _Unsupported as exc:
                 self.stats["unsupported"] += 1
+                report_fault("unsupported")
                 self.transport.failed_calls += 1
                 raise BackendError(f"{what} failed: {exc} ({endpoint}, model {self.model})") from None
             except Exception as exc:  # noqa: BLE001 - classified below; unknown ones re-raise
@@ -509,11 +526,13 @@ class OpenAIBackend:
                 if fault is None:
                     raise
             self.stats[fault.kind] += 1
+            report_fault(fault.kind)
             if not fault.retryable or attempt == budget:
                 self.transport.failed_calls += 1
                 raise self._error(what, endpoint, fault, attempt + 1) from None
             wait = self._wait_for(attempt, fault)
             self.stats["retries"] += 1
+            report_fault("retries")
             self.transport.retry_wait_s += wait
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")
@@ -568,6 +587,9 @@ class OpenAIBackend:
         if self.likelihood_mode == "auto" and not self._probed:
             await self.probe()
         if not self.capabilities.continuation_logprobs:
+            if self._probe_unreachable is not None:
+                # the endpoint is failing, not lacking the feature: exit as a failing endpoint
+                raise BackendError(self._probe_unreachable)
             raise CapabilityMissing(
                 f"{self.base_url} ({self.model}) cannot score a given response: "
                 + "; ".join(self.capabilities.notes)
@@ -595,8 +617,17 @@ class OpenAIBackend:
                 else [self.likelihood_mode]
             )
             notes: list[str] = []
+            self._probe_unreachable = None
             for mode in candidates:
-                problem = await self._probe_mode(mode)
+                try:
+                    problem = await self._probe_mode(mode)
+                except _Unreachable as exc:
+                    # A transient failure says nothing about the feature: decide nothing (a mode
+                    # the user named stays declared), and probe again on the next likelihood call.
+                    if self.likelihood_mode == "auto":
+                        self._probe_unreachable = str(exc)
+                        self._set_continuation(False, (f"{mode}: {exc} (will probe again)",))
+                    return self.capabilities
                 if problem is None:
                     self.likelihood_mode = mode  # type: ignore[assignment]
                     self._set_continuation(True, ())
@@ -614,10 +645,11 @@ class OpenAIBackend:
         """None if ``mode`` works on this server, else why not (one line)."""
         try:
             if mode == "completions_echo":
-                data = await self._score(
-                    mode, _PROBE_MESSAGES, _PROBE_RESPONSE, logprobs=5, parse=lambda d: d, max_retries=2
+                # parsed inside the retry loop, so a garbled answer is retried, not taken as "cannot"
+                scored, data = await self._score(
+                    mode, _PROBE_MESSAGES, _PROBE_RESPONSE, logprobs=5,
+                    parse=lambda d: (parse_echo_logprobs(d, _PROBE_RESPONSE), d), max_retries=2,
                 )
-                scored = parse_echo_logprobs(data, _PROBE_RESPONSE)
                 aligned, shifted = echo_alignment(data)
                 if shifted > aligned:
                     return (
@@ -629,7 +661,12 @@ class OpenAIBackend:
                     return "could not confirm that echoed log-probabilities belong to their tokens"
             else:
                 scored = await self._score(mode, _PROBE_MESSAGES, _PROBE_RESPONSE, max_retries=2)
-        except (BackendError, _Malformed, _Unsupported) as exc:
+        except BackendError as exc:
+            fault = getattr(exc, "fault", None)
+            if fault is not None and (fault.kind in _TRANSIENT_KINDS or fault.status in _TRANSIENT_STATUS):
+                raise _Unreachable(_one_line(str(exc))) from None
+            return _one_line(str(exc))
+        except (_Malformed, _Unsupported) as exc:
             return _one_line(str(exc))
         if scored.n_tokens == 0 or not all(v <= 0.0 for v in scored.token_logprobs):
             return "the server's prompt log-probabilities are not valid log-probabilities"
