@@ -22,6 +22,20 @@ def make_backend(cfg: RoleConfig) -> Backend:
         from picaco.llm.embedded import EmbeddedBackend
 
         return EmbeddedBackend(cfg.model, n_ctx=cfg.n_ctx)
+    if cfg.backend == "openai" and cfg.endpoints:
+        from picaco.llm.endpoint_pool import EndpointPool
+
+        # base_url first, then the extra endpoints; all serve the same model (one cache identity)
+        return EndpointPool(
+            [cfg.base_url, *cfg.endpoints],
+            model=cfg.model,
+            api_key=cfg.resolve_api_key(),
+            max_in_flight=cfg.max_in_flight,
+            timeout=cfg.timeout,
+            max_retries=cfg.max_retries,
+            likelihood=cfg.likelihood,
+            prompt_template=cfg.prompt_template,
+        )
     if cfg.backend == "openai":
         from picaco.llm.openai_backend import OpenAIBackend
 
@@ -47,7 +61,8 @@ def _backend_key(cfg: RoleConfig) -> tuple:
     model = cfg.model
     if cfg.backend == "embedded" and os.path.exists(model):
         model = str(Path(model).resolve())
-    return (cfg.backend, model, cfg.base_url, cfg.api_key_env, str(cfg.api_key_file), cfg.n_ctx)
+    return (cfg.backend, model, cfg.base_url, tuple(cfg.endpoints), cfg.api_key_env, str(cfg.api_key_file),
+            cfg.n_ctx)
 
 
 class Runtime:
@@ -84,9 +99,9 @@ class Runtime:
         """The conformity judge q_ω for a role: offline (embedding probe) or an LLM judge."""
         cfg = cfg if cfg is not None else (getattr(self.config, role, None) or self.config.judge)
         if cfg.type == "offline":
-            from picaco.judge.offline import OfflineJudge
+            from picaco.judge.offline import OfflineConfig, OfflineJudge
 
-            return OfflineJudge()
+            return OfflineJudge(config=OfflineConfig(half=cfg.train_half))
         from picaco.judge.llm import LLMJudge
 
         return LLMJudge(self.client(role, cfg))
