@@ -84,6 +84,11 @@ async def optimize_async(
     rt = runtime or Runtime(config)
     try:
         proxy = rt.client("proxy", config.optimizer) if params.mode == "proxy" else None
+        # The scoring mode is chosen from the backends' capabilities, which an OpenAI-compatible
+        # server only reveals when probed (can it return prompt log-probabilities?).
+        for client in (rt.client("target"), proxy):
+            if client is not None:
+                await client.probe()
         return await run_engine(
             target=rt.client("target"),
             optimizer=rt.client("optimizer"),

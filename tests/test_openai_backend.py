@@ -453,3 +453,24 @@ async def test_real_likelihood_agrees_with_embedded_backend(llama, smollm2_path)
     for a, b in zip(ours, theirs):
         assert a.tokens == b.tokens
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=0.01)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, tmp_path, minilm_dir):
+    # `likelihood: auto` is only resolved by probing the server; the optimizer must probe before it
+    # picks its scoring mode, or every openai target silently falls back to sampling mode.
+    from picaco import api
+    from picaco.config import load_config
+
+    config = load_config(None, {
+        "preset": "tiny",
+        "values": "helpfulness-4",
+        "target": {"backend": "openai", "base_url": llama.base_url, "model": llama.model,
+                   "likelihood": "auto", "timeout": 120},
+        "optimizer": {"backend": "fake"},
+        "optimize": {"rounds": 1, "n_queries": 1},
+        "cache": False,
+    })
+    result = await api.optimize_async(config, run_dir=tmp_path / "run")
+    assert result.mode == "likelihood"
