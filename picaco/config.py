@@ -94,10 +94,12 @@ class JudgeConfig(RoleConfig):
     train_half: Literal[0, 1] | None = None
 
 
-class OptimizerConfig(RoleConfig):
-    """The optimizer role: the same fields, with the larger embedded model as its default."""
+#: the optimizer writes instructions: the larger embedded model unless a config says otherwise
+OPTIMIZER_DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
-    model: str = "qwen2.5-coder-1.5b"
+
+def _default_optimizer() -> RoleConfig:
+    return RoleConfig(model=OPTIMIZER_DEFAULT_MODEL)
 
 
 class RunConfig(BaseModel):
@@ -110,7 +112,7 @@ class RunConfig(BaseModel):
     #: hyper-parameter preset; fields under `optimize` override it
     preset: Literal["tiny", "cpu", "paper"] = "cpu"
     target: RoleConfig = Field(default_factory=RoleConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    optimizer: RoleConfig = Field(default_factory=_default_optimizer)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     #: the evaluation judge; default: the same as `judge` (reports flag that)
     eval_judge: JudgeConfig | None = None
@@ -124,6 +126,14 @@ class RunConfig(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     cache: bool = True
     run_dir: Path | None = None
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_model_default(cls, v: Any) -> Any:
+        # a section that leaves `model` out keeps the optimizer's default, not the target's
+        if isinstance(v, dict) and "model" not in v:
+            return {**v, "model": OPTIMIZER_DEFAULT_MODEL}
+        return v
 
     @field_validator("optimize")
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from picaco.evaluate.metrics import overall_mean, value_means
 from picaco.llm.accounting import Accounting
 from picaco.llm.base import Message, chat
 from picaco.llm.client import LLMClient
+from picaco.optimize.rundir import append_lines, drop_partial_tail
 
 META_SYSTEM = "You write system prompts for an AI assistant. Reply with the new system prompt only."
 
@@ -330,9 +332,11 @@ class Opro(PromptMethod):
             if client is not None and client.accounting is not acct:
                 raise ConfigError(f"OPRO counts its spend on one Accounting: the {role} client uses another")
         start = requests_made(acct)
+        log = _Trajectory(self.state_dir, self._fingerprint(target, value_set))
 
         def spent() -> int:
-            return requests_made(acct) - start
+            # requests of this process plus what the replayed scorings cost when they were made
+            return requests_made(acct) - start + log.replayed_cost
 
         batch = self.minibatch()
         if p.max_calls < len(batch) * p.samples_per_query:
@@ -346,13 +350,15 @@ class Opro(PromptMethod):
         max_words = max(20, p.instruction_max_chars // 7)
 
         async def score(step: int, text: str) -> Entry:
-            before = spent()
-            s, per_value, n = await self.score_instruction(target, value_set, text, batch)
-            entry = Entry(step, text, "scored" if s is not None else "unscored", s, per_value, n,
-                          spent() - before)
+            entry = log.replay_scored(step, text)  # scored before a kill: not scored again
+            if entry is None:
+                before = spent()
+                s, per_value, n = await self.score_instruction(target, value_set, text, batch)
+                entry = Entry(step, text, "scored" if s is not None else "unscored", s, per_value, n,
+                              spent() - before)
+                log.record(entry)
             trajectory.append(entry)
             seen.add(_normalize(text))
-            self._append(entry, fresh=len(trajectory) == 1)
             return entry
 
         stop_reason, step = "max_steps", 0
@@ -384,12 +390,12 @@ class Opro(PromptMethod):
                     if why:
                         entry = Entry(step, text, f"discarded: {why}")
                         trajectory.append(entry)
-                        self._append(entry)
+                        log.record(entry)
                         continue
                     if spent() + cost_eval > p.max_calls:
                         entry = Entry(step, text, "skipped: budget")
                         trajectory.append(entry)
-                        self._append(entry)
+                        log.record(entry)
                         continue
                     e = await score(step, text)
                     cost_eval = max(cost_eval, e.cost)
@@ -400,7 +406,7 @@ class Opro(PromptMethod):
                     break
         except BudgetExhausted:
             stop_reason = "budget (hard cap of the run)"
-        self.calls_spent += spent()
+        self.calls_spent += requests_made(acct) - start
 
         candidates = [e for e in trajectory if e.score is not None]
         if candidates:
@@ -411,22 +417,13 @@ class Opro(PromptMethod):
         return OproResult(instruction, best_score, spent(), p.max_calls, step, stop_reason, trajectory)
 
     # -- state on disk ---------------------------------------------------------------------------
-    def _append(self, entry: Entry, fresh: bool = False) -> None:
-        if self.state_dir is None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "trajectory.jsonl", "w" if fresh else "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
-
     def _save(self, result: OproResult) -> None:
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "instruction.txt").write_text(result.instruction + "\n", encoding="utf-8")
-        tmp = self.state_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=1, sort_keys=True),
-                       encoding="utf-8")
-        tmp.replace(self.state_dir / "result.json")
+        _write_atomic(self.state_dir / "instruction.txt", result.instruction + "\n")
+        _write_atomic(self.state_dir / "result.json",
+                      json.dumps(result.to_json(), ensure_ascii=False, indent=1, sort_keys=True))
 
     def _load(self, fp: str) -> OproResult | None:
         if self.state_dir is None:
@@ -439,3 +436,75 @@ class Opro(PromptMethod):
         if data.get("fingerprint") != fp:
             return None  # another search's result: search again (the call cache makes it cheap)
         return OproResult.from_json(data)
+
+
+# -- the search's record on disk -------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Trajectory:
+    """`trajectory.jsonl` in the state directory: one entry per instruction seen, appended as the
+    search goes. A rerun after a kill (same fingerprint, kept in `search.json`) replays the scored
+    entries in order instead of scoring them again, and appends only what is new, so the records
+    written before the kill stay as they are. The proposals themselves are requested again (from the
+    call cache when it is on); if they come out differently, the stored entries from the first
+    difference on are dropped and the search goes on from there."""
+
+    def __init__(self, state_dir: Path | None, fp: str):
+        self.path = None if state_dir is None else state_dir / "trajectory.jsonl"
+        self.stored: list[dict] = []
+        self.cursor = 0
+        self.replayed_cost = 0
+        if state_dir is None:
+            return
+        state_dir.mkdir(parents=True, exist_ok=True)
+        marker = state_dir / "search.json"
+        try:
+            same = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fp
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            same = False
+        if same and self.path.exists():
+            drop_partial_tail(self.path)
+            self.stored = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()
+                           if line.strip()]
+        else:
+            self._truncate(0)
+            _write_atomic(marker, json.dumps({"fingerprint": fp}))
+
+    def replay_scored(self, step: int, text: str) -> Entry | None:
+        if self.cursor >= len(self.stored):
+            return None
+        d = self.stored[self.cursor]
+        if d.get("step") != step or d.get("text") != text or d.get("status") not in ("scored", "unscored"):
+            return None
+        self.cursor += 1
+        entry = Entry(**d)
+        self.replayed_cost += entry.cost
+        return entry
+
+    def record(self, entry: Entry) -> None:
+        if self.path is None:
+            return
+        data = entry.to_json()
+        if self.cursor < len(self.stored):
+            if self.stored[self.cursor] == data:
+                self.cursor += 1  # already on disk
+                return
+            self._truncate(self.cursor)  # the search went another way than before the kill
+        append_lines(self.path, [data])
+
+    def _truncate(self, keep: int) -> None:
+        lines = []
+        if self.path is not None and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+        _write_atomic(self.path, "".join(lines))
+        self.stored = self.stored[:keep]
+        self.cursor = keep

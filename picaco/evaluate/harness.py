@@ -10,9 +10,10 @@ Output directory::
     summary.json      metrics per method with bootstrap intervals, tests across methods, warnings
     summary.md        the same as tables
 
-Resumable: rows already in samples.jsonl (same method fingerprint) are not generated again, a partial
-last line from a killed process is cut off, and rows are appended batch by batch (flushed and
-fsynced), so a killed evaluation loses at most the batch in flight.
+Resumable: rows already in samples.jsonl (same method fingerprint) are not generated again, and rows
+are appended batch by batch, each batch in one write (fsynced) marked as a group, so a killed
+evaluation loses at most the batch in flight: a partial last line or a batch cut short is removed on
+the next start and the batch is redone whole (same composition, so the same judged numbers).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from picaco.evaluate import metrics
 from picaco.evaluate.report import markdown_summary
 from picaco.llm.client import LLMClient
 from picaco.values import ValueSet
-from picaco.optimize.rundir import drop_partial_tail, lock_directory
+from picaco.optimize.rundir import append_lines, drop_partial_tail, lock_directory, strip_group
 
 SAMPLES = "samples.jsonl"
 STATE = "evaluation.json"
@@ -47,17 +48,16 @@ def canonical(identity: dict | None) -> str | None:
     return None if identity is None else json.dumps(identity, sort_keys=True, default=str)
 
 
-def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, allow_nan=False)
-
-
 def _finite(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -68,7 +68,7 @@ def read_rows(path: Path) -> list[dict]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(strip_group(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not a JSON row ({e.msg})") from None
     return rows
@@ -138,11 +138,7 @@ class _Store:
             _write_atomic(self.dir / STATE, json.dumps(self.state, indent=1, sort_keys=True))
 
     def append(self, rows: list[dict]) -> None:
-        with open(self.samples, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(_dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(self.samples, rows)  # one write: a kill leaves the whole batch or a cut group
         self.rows.extend(rows)
 
 

@@ -11,6 +11,8 @@ choices are pure functions of those records, so the resumed run ends exactly lik
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -68,6 +70,41 @@ class RedundancyScorer(Protocol):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+#: the requests of the unit of work (one query's samples, one proposal, one score) running in this
+#: context; its counts are stored with the unit's records (see Engine._attribute)
+_UNIT_COST: contextvars.ContextVar[Accounting | None] = contextvars.ContextVar("picaco_unit_cost",
+                                                                               default=None)
+_COUNTERS = ("record_call", "record_hit", "record_faults")
+
+
+@contextlib.contextmanager
+def unit_cost():
+    """Collect the requests made inside the block (and the tasks it starts) into a fresh Accounting."""
+    cost = Accounting()
+    token = _UNIT_COST.set(cost)
+    try:
+        yield cost
+    finally:
+        _UNIT_COST.reset(token)
+
+
+def _count_units_too(acc: Accounting) -> None:
+    """Make `acc` also count each request into the unit running in the caller's context."""
+    if getattr(acc, "_picaco_units", False):
+        return
+    for name in _COUNTERS:
+        def counted(*args, _orig=getattr(acc, name), _name=name, **kwargs):
+            _orig(*args, **kwargs)
+            unit = _UNIT_COST.get()
+            if unit is not None:
+                getattr(unit, _name)(*args, **kwargs)
+        setattr(acc, name, counted)
+    acc._picaco_units = True
+
+
+def _cost_json(cost: Accounting) -> dict:
+    return {role: stats for role, stats in cost.to_json().items() if role != "total"}
 
 
 def derive_seed(*parts: object) -> int:
@@ -244,8 +281,14 @@ class Engine:
         self.bare_logq: dict[str, list[float]] = {}
         self.pools_version = -1  # the last round whose enhancement is merged (0 = bare only)
         self.prior_accounting: dict = {}
+        #: requests of every recorded unit of work, all processes of the run: a request made for a
+        #: unit that a kill cut short is not in it, and the unit's redo is, so the totals (requests =
+        #: calls + cache hits) are those of an uninterrupted run
+        self.recorded = Accounting()
         self._baseline: dict[int, dict] = {}
         self._mark_accounting_baseline()
+        for acc in self._accountings():
+            _count_units_too(acc)
         self._estimate: Estimate | None = None
 
     # -- configuration ---------------------------------------------------------------------------
@@ -321,12 +364,12 @@ class Engine:
         self._baseline = {id(a): a.to_json() for a in self._accountings()}
 
     def accounting_json(self) -> dict:
-        """Counts of this run: earlier processes' (accounting.json) plus this process's since start."""
-        merged = Accounting()
-        merged.merge_json(self.prior_accounting)
-        for acc in self._accountings():
-            merged.merge_json(_accounting_delta(acc.to_json(), self._baseline.get(id(acc), {})))
-        return merged.to_json()
+        """Counts of this run: the requests of every recorded unit of work, all processes together."""
+        return self.recorded.to_json()
+
+    def _add_cost(self, record: dict, cost: Accounting) -> None:
+        record["cost"] = _cost_json(cost)
+        self.recorded.merge_json(record["cost"])
 
     def calls(self) -> int:
         prior = self.prior_accounting.get("total", {}).get("calls", 0)
@@ -365,13 +408,20 @@ class Engine:
 
     # -- loading a run directory -----------------------------------------------------------------
     def _load(self) -> None:
-        for r in self.rundir.records("responses.jsonl"):
-            self.responses[r["key"]] = r
-        for r in self.rundir.records("candidates.jsonl"):
-            self.candidate_records[r["key"]] = r
+        costed = 0
+        for name, into in (("responses.jsonl", self.responses),
+                           ("candidates.jsonl", self.candidate_records)):
+            for r in self.rundir.records(name):
+                into[r["key"]] = r
+                if "cost" in r:
+                    costed += 1
+                    self.recorded.merge_json(r["cost"])
         for r in self.rundir.records("rounds.jsonl"):
             self.round_records[int(r["round"])] = r
-        self.prior_accounting = self.rundir.read_json("accounting.json") or {}
+        if not costed and (self.responses or self.candidate_records):
+            # a run directory from before per-unit costs: its accounting.json is the best record
+            self.recorded.merge_json(self.rundir.read_json("accounting.json") or {})
+        self.prior_accounting = self.recorded.to_json()
 
     # -- one unit of sampling: a query's responses under one instruction --------------------------
     def _response_key(self, ihash: str, query_id: str, seed: int) -> str:
@@ -399,36 +449,47 @@ class Engine:
         keys = [self._response_key(ihash, query.id, s) for s in seeds]
         missing = [j for j, k in enumerate(keys) if k not in self.responses]
         if missing:
-            messages = chat(instruction, query.text)
-            p = self.params
-            completions = await gather_all([
-                self.target.generate(messages, n=1, temperature=p.response_temperature,
-                                     max_tokens=p.max_new_tokens, seed=seeds[j])
-                for j in missing
-            ])
-            texts = [c[0].text for c in completions]
-            live = [i for i, t in enumerate(texts) if t.strip()]  # empty responses are not scored
-            items = [(query.text, texts[i]) for i in live]
-            judged: list[dict] = [{} for _ in texts]
-            logq: list[float | None] = [None for _ in texts]
-            if items:
-                if judge:
-                    scores = await self.judge.score(self.value_set, items)
-                    _check_length("judge", scores, items)
-                    for i, s in zip(live, scores):
-                        judged[i] = s
-                reds = await self.redundancy.log_redundancy(self.spec, items)
-                _check_length("redundancy model", reds, items)
-                for i, lq in zip(live, reds):
-                    logq[i] = float(lq)
-            for i, j in enumerate(missing):
-                record = self._response_record(
-                    keys[j], phase, round, ihash, query.id, j, seeds[j], completions[i][0],
-                    judged[i], logq[i], judge,
-                )
-                self.rundir.append("responses.jsonl", record)
+            with unit_cost() as cost:
+                records = await self._sample_missing(instruction, ihash, query, keys, seeds, missing,
+                                                     phase=phase, round=round, judge=judge)
+            self._add_cost(records[0], cost)
+            # one group: the samples were judged as one batch, so they are redone together
+            self.rundir.append_group("responses.jsonl", records)
+            for j, record in zip(missing, records):
                 self.responses[keys[j]] = record
         return [self._scored(self.responses[k]) for k in keys]
+
+    async def _sample_missing(self, instruction: str, ihash: str, query: Query, keys: list[str],
+                              seeds: list[int], missing: list[int], *, phase: str, round: int,
+                              judge: bool) -> list[dict]:
+        """Generate, judge and score the missing samples of one query: its records, in order."""
+        messages = chat(instruction, query.text)
+        p = self.params
+        completions = await gather_all([
+            self.target.generate(messages, n=1, temperature=p.response_temperature,
+                                 max_tokens=p.max_new_tokens, seed=seeds[j])
+            for j in missing
+        ])
+        texts = [c[0].text for c in completions]
+        live = [i for i, t in enumerate(texts) if t.strip()]  # empty responses are not scored
+        items = [(query.text, texts[i]) for i in live]
+        judged: list[dict] = [{} for _ in texts]
+        logq: list[float | None] = [None for _ in texts]
+        if items:
+            if judge:
+                scores = await self.judge.score(self.value_set, items)
+                _check_length("judge", scores, items)
+                for i, s in zip(live, scores):
+                    judged[i] = s
+            reds = await self.redundancy.log_redundancy(self.spec, items)
+            _check_length("redundancy model", reds, items)
+            for i, lq in zip(live, reds):
+                logq[i] = float(lq)
+        return [
+            self._response_record(keys[j], phase, round, ihash, query.id, j, seeds[j],
+                                  completions[i][0], judged[i], logq[i], judge)
+            for i, j in enumerate(missing)
+        ]
 
     def _response_record(self, key, phase, round, ihash, query_id, sample, seed, completion,
                          judged: dict, log_qphi: float | None, judge: bool) -> dict:
@@ -537,14 +598,16 @@ class Engine:
         missing = [c for c, k in enumerate(keys) if k not in self.candidate_records]
         if missing:
             async def one(c: int) -> None:
-                (out,) = await self.optimizer.generate(
-                    prompts[c], n=1, temperature=p.optimizer_temperature,
-                    max_tokens=p.optimizer_max_tokens,
-                    seed=derive_seed(p.seed, "propose", round, c),
-                )
+                with unit_cost() as cost:
+                    (out,) = await self.optimizer.generate(
+                        prompts[c], n=1, temperature=p.optimizer_temperature,
+                        max_tokens=p.optimizer_max_tokens,
+                        seed=derive_seed(p.seed, "propose", round, c),
+                    )
                 record = {"key": keys[c], "kind": "proposal", "round": round, "index": c,
                           "raw": out.text, "finish_reason": out.finish_reason,
                           "completion_tokens": out.completion_tokens}
+                self._add_cost(record, cost)
                 self.rundir.append("candidates.jsonl", record)
                 self.candidate_records[keys[c]] = record
             await gather_all([one(c) for c in missing])
@@ -572,17 +635,20 @@ class Engine:
             key = f"score|{self.mode}|pools{self.pools_version}|{ihash}"
         if key in self.candidate_records:
             return CandidateScore.from_json(self.candidate_records[key])
-        if self.mode == "sampling":
-            result = sampling_score(await self._sample(
-                instruction, self._minibatch_plan(round), phase="candidate", round=round))
-        else:
-            client = self.target if self.mode == "likelihood" else self.proxy
-            result = await likelihood_score(
-                client, instruction, self.queries, self.pools, lam=self.params.lam,
-                temperature=self.params.preference_temperature)
+        # sampling mode: the samples are units of their own and carry their own costs
+        with unit_cost() as cost:
+            if self.mode == "sampling":
+                result = sampling_score(await self._sample(
+                    instruction, self._minibatch_plan(round), phase="candidate", round=round))
+            else:
+                client = self.target if self.mode == "likelihood" else self.proxy
+                result = await likelihood_score(
+                    client, instruction, self.queries, self.pools, lam=self.params.lam,
+                    temperature=self.params.preference_temperature)
         record = {"key": key, "kind": "score", "round": round, "tag": tag, "mode": self.mode,
                   "pools_version": self.pools_version, "instruction_hash": ihash,
                   "instruction": instruction, **result.to_json()}
+        self._add_cost(record, cost)
         self.rundir.append("candidates.jsonl", record)
         self.candidate_records[key] = record
         return result
@@ -876,19 +942,6 @@ class Engine:
             out.append(f"the optimizer model {model!r} is small (~{size:g}B parameters); small "
                        "models write poor instructions: use a stronger optimizer if you can")
         return out
-
-
-def _accounting_delta(now: dict, base: dict) -> dict:
-    """Per-role counts added since `base` (both as written by Accounting.to_json)."""
-    out = {}
-    for role, stats in now.items():
-        if role == "total":
-            continue
-        b = base.get(role, {})
-        d = {k: v - b.get(k, 0) for k, v in stats.items() if isinstance(v, (int, float))}
-        d["faults"] = {k: v - b.get("faults", {}).get(k, 0) for k, v in stats.get("faults", {}).items()}
-        out[role] = d
-    return out
 
 
 def _finite(x: float | None) -> float | None:

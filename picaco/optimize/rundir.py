@@ -8,14 +8,19 @@ Layout::
     candidates.jsonl   every proposal (raw text, verdict) and every instruction score, per round
     rounds.jsonl       per round: chosen instruction, objective, per-value means
     pools/round-NN.json  the pools after round NN's enhancement (for reading; rebuilt from responses)
-    accounting.json    calls and tokens per role, summed over every process that worked on the run
+    accounting.json    calls and tokens per role: the sum of the `cost` each unit's record carries
+                       (a unit cut short by a kill is counted once, in the process that finished it)
     result.json        written when the run ends (also after a budget stop)
     instruction.txt    the optimized system prompt, plain text
     provenance.json    where it came from: values, models, judge, config hash, seed vs final scores
 
 JSONL files are append-only; every record is flushed and fsynced before the call returns, so a kill
-loses at most the record being written. On open, a partial last line (no trailing newline) is cut
-off before anything new is appended. Whole-file outputs are written to a temp file and renamed.
+loses at most the record being written. Records that belong together (one query's samples, judged as
+one batch) are appended as a group in a single write; each carries `group_rest`, how many records of
+its group follow it, so a group cut short by a kill is recognisable. On open, a partial last line (no
+trailing newline) and an incomplete trailing group are cut off before anything new is appended: the
+group is redone whole, with the same batch composition, so its numbers equal an uninterrupted run's.
+Whole-file outputs are written to a temp file and renamed.
 """
 
 from __future__ import annotations
@@ -53,18 +58,57 @@ def lock_directory(path: Path, holder: str) -> int | None:
     return fd
 
 
+GROUP_FIELD = "group_rest"
+
+
 def drop_partial_tail(path: Path) -> None:
-    """Cut a last line that has no newline (the process was killed while writing it)."""
+    """Cut a last line that has no newline (the process was killed while writing it), and the lines
+    of a trailing group that lacks its last record (see `append_group`)."""
     if not path.exists():
         return
     data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
     cut = data.rfind(b"\n") + 1  # 0 when the only line is partial
+    cut = _incomplete_group_start(data[:cut])
+    if cut == len(data):
+        return
     with open(path, "r+b") as f:
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _incomplete_group_start(data: bytes) -> int:
+    """Where a trailing incomplete group begins in complete-line `data` (len(data) when none)."""
+    end = len(data)
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        try:
+            rest = json.loads(data[start:end]).get(GROUP_FIELD, 0)
+        except (json.JSONDecodeError, AttributeError):
+            return end  # a damaged line is reported by whoever reads the file
+        if not rest:
+            return end
+        end = start  # a group member with records still to come: the group never finished
+    return end
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append `records` as one group in a single write, then fsync (see the module docstring)."""
+    n = len(records)
+    lines = [_dumps({**r, GROUP_FIELD: n - 1 - i} if n > 1 else r) + "\n" for i, r in enumerate(records)]
+    data = memoryview("".join(lines).encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def strip_group(record: dict) -> dict:
+    record.pop(GROUP_FIELD, None)
+    return record
 
 
 class RunDir:
@@ -120,11 +164,12 @@ class RunDir:
 
     # -- records ---------------------------------------------------------------------------------
     def append(self, name: str, record: dict) -> None:
-        line = _dumps(record) + "\n"
-        with open(self.path / name, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(self.path / name, [record])
+
+    def append_group(self, name: str, records: list[dict]) -> None:
+        """Records that must be redone together when a kill cuts them short (one write)."""
+        if records:
+            append_lines(self.path / name, records)
 
     def records(self, name: str) -> list[dict]:
         """Every complete record of a JSONL file; a partial last line (a kill mid-write) is ignored."""
@@ -138,7 +183,7 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                out.append(strip_group(json.loads(line)))
             except json.JSONDecodeError:
                 raise DataError(f"{path}:{lineno}: damaged record in the middle of the file") from None
         return out
