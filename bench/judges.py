@@ -288,6 +288,8 @@ async def main() -> None:
     ap.add_argument("--cv", action="store_true",
                     help="offline judge: 7-fold group cross-validation on the train split")
     ap.add_argument("--redundancy", action="store_true", help="compare q_φ forms and fit τ")
+    ap.add_argument("--halves", action="store_true",
+                    help="the two cross-fitted offline judges (train_half 0 and 1) and their agreement")
     ap.add_argument("--llm-model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--llm-groups", type=int, default=2, help="held-out groups per value for the LLM")
     ap.add_argument("--llm-modes", default="per_value", help="per_value and/or per_item, comma-separated")
@@ -339,6 +341,19 @@ async def main() -> None:
         weights = train(embedder)
         train_rows = load_rows(split="train")
         results["offline, 7-fold CV on train split"] = by_set(train_rows, weights.oof)
+    if args.halves:
+        from scipy.stats import spearmanr
+
+        from picaco.judge.offline import OfflineConfig, OfflineJudge
+
+        half_probs = []
+        for half in (0, 1):
+            probs = await score_own_value(OfflineJudge(embedder, config=OfflineConfig(half=half)), heldout)
+            results[f"offline, train half {half}"] = by_set(heldout, probs)
+            half_probs.append(probs)
+        both = [r.id for r in heldout if half_probs[0].get(r.id) is not None and half_probs[1].get(r.id) is not None]
+        rho = spearmanr([half_probs[0][i] for i in both], [half_probs[1][i] for i in both]).statistic
+        extra["halves"] = {"spearman_heldout": float(rho), "rows": len(both)}
     if args.lovo:
         results["offline, leave-one-value-out"] = by_set(heldout, lovo_probs(embedder, heldout))
     if "llm" in args.judges:

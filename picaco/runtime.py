@@ -21,7 +21,7 @@ def make_backend(cfg: RoleConfig) -> Backend:
     if cfg.backend == "embedded":
         from picaco.llm.embedded import EmbeddedBackend
 
-        return EmbeddedBackend(cfg.model, n_ctx=cfg.n_ctx)
+        return EmbeddedBackend(cfg.model, n_ctx=cfg.n_ctx, parallel_responses=cfg.parallel_responses)
     if cfg.backend == "openai" and cfg.endpoints:
         from picaco.llm.endpoint_pool import EndpointPool
 
@@ -62,7 +62,7 @@ def _backend_key(cfg: RoleConfig) -> tuple:
     if cfg.backend == "embedded" and os.path.exists(model):
         model = str(Path(model).resolve())
     return (cfg.backend, model, cfg.base_url, tuple(cfg.endpoints), cfg.api_key_env, str(cfg.api_key_file),
-            cfg.n_ctx)
+            cfg.n_ctx, cfg.parallel_responses)
 
 
 class Runtime:

@@ -424,3 +424,33 @@ def test_split_sentences():
         "The first point is here. Second one!", "- a list item that is long enough Ok. Short."
     ]
     assert split_sentences("") == [""]
+
+
+def test_train_halves_are_disjoint_and_cover_every_value():
+    # cross-fitting: the optimization judge and the evaluation judge never share a training group
+    from picaco.judge.labeled import load_rows
+    from picaco.judge.offline import train_half
+
+    rows = load_rows(split="train")
+    halves = [train_half(rows, 0), train_half(rows, 1)]
+    groups = [{r.group for r in h} for h in halves]
+    assert groups[0].isdisjoint(groups[1])
+    assert groups[0] | groups[1] == {r.group for r in rows}
+    for h in halves:
+        assert {r.value for r in h} == {r.value for r in rows}  # every value keeps training data
+        per_value = {v: len({r.group for r in h if r.value == v}) for v in {r.value for r in rows}}
+        assert min(per_value.values()) >= 7
+    assert train_half(rows, None) == list(rows)
+    with pytest.raises(ValueError):
+        train_half(rows, 2)
+
+
+def test_runtime_builds_the_configured_half_and_says_so_in_its_identity():
+    from picaco.config import RunConfig
+    from picaco.runtime import Runtime
+
+    rt = Runtime(RunConfig.model_validate({"judge": {"train_half": 0}, "eval_judge": {"train_half": 1}}),
+                 use_cache=False)
+    opt, ev = rt.judge("judge"), rt.judge("eval_judge")
+    assert opt.config.half == 0 and ev.config.half == 1
+    assert opt.cache_key() != ev.cache_key()  # different training data, different weights file
