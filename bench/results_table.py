@@ -1,0 +1,99 @@
+"""Assemble docs/RESULTS.md's comparison tables from `picaco compare` output directories.
+
+    python bench/results_table.py results/helpfulness-4 results/confucianism-4 > table.md
+
+Each argument is a `picaco compare -o DIR` directory (its `eval/summary.json` is read, and
+`picaco-run/accounting.json` for PICACO's optimization spend). Nothing is recomputed here: every
+number comes from the summaries, so the table is exactly what the commands produced.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _ci(pair, fmt=_f) -> str:
+    if not pair or pair[0] is None:
+        return ""
+    return f" [{fmt(pair[0])}, {fmt(pair[1])}]"
+
+
+def optimization_calls(compare_dir: Path, summary: dict) -> dict[str, int]:
+    """Model calls each optimizing method spent before evaluation (PICACO's run, OPRO's and GEPA's
+    spend as the harness recorded it)."""
+    spend: dict[str, int] = {}
+    acc = compare_dir / "picaco-run" / "accounting.json"
+    if acc.is_file():
+        data = json.loads(acc.read_text())
+        roles = data.get("roles", data)
+        total = roles.get("total") or {}
+        spend["PICACO"] = int(total.get("calls", 0)) if isinstance(total, dict) else 0
+    for name, s in summary["methods"].items():
+        opt = s.get("optimization_calls")
+        if opt is not None:
+            spend[name] = int(opt)
+    return spend
+
+
+def pair_p(summary: dict, a: str, b: str) -> float | None:
+    for p in summary.get("friedman", {}).get("pairs", []):
+        if {p["a"], p["b"]} == {a, b}:
+            return p["p_holm"]
+    return None
+
+
+def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
+    summary = json.loads((compare_dir / "eval" / "summary.json").read_text())
+    spend = optimization_calls(compare_dir, summary)
+    name = summary["value_set"]["name"]
+    judge = summary.get("judge", {})
+    lines = [
+        f"### {name}",
+        "",
+        f"{summary['queries']['n']} held-out queries, target `{summary['target'].get('model', '?')}`, "
+        f"evaluation judge `{judge.get('kind', '?')}` ({judge.get('weights', judge.get('backend', ''))}); "
+        f"same judge as optimization: {'YES' if summary.get('same_judge') else 'no'}.",
+        "",
+        f"| method | mean (1–5) [95% CI] | lowest value | CV ↓ [95% CI] | dropped ↓ | fake ↓ | win vs Q | "
+        f"p vs {focus} (Holm) | optimization calls | calls/query |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, s in summary["methods"].items():
+        ci = s.get("ci", {})
+        p = None if m == focus else pair_p(summary, m, focus)
+        lines.append(
+            f"| {m} | {_f(s['mean'])}{_ci(ci.get('mean'))} | {_f(s['lowest'])} ({s.get('lowest_value') or '–'}) | "
+            f"{_f(s['cv'], 3)}{_ci(ci.get('cv'), lambda x: _f(x, 3))} | {_pct(s['dropped_share'])} | "
+            f"{_pct(s['fake_rate'])} | {_pct(s['win_rate'])} | {_f(p, 3) if p is not None else '–'} | "
+            f"{spend.get(m, 0)} | {s.get('calls_per_query', '–')} |"
+        )
+    fr = summary.get("friedman", {})
+    if fr.get("statistic") is not None:
+        lines += ["", f"Friedman over {fr['n_queries']} queries: χ² = {fr['statistic']:.2f}, "
+                      f"p = {fr['p_value']:.3g}, Kendall's W = {fr['kendalls_w']:.3f}."]
+    for w in summary.get("warnings", []):
+        lines += ["", f"> {w}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    for d in argv:
+        print(set_table(Path(d)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
