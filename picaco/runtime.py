@@ -22,12 +22,8 @@ def make_backend(cfg: RoleConfig) -> Backend:
         from picaco.llm.embedded import EmbeddedBackend
 
         return EmbeddedBackend(cfg.model, n_ctx=cfg.n_ctx, parallel_responses=cfg.parallel_responses)
-    if cfg.backend == "openai" and cfg.endpoints:
-        from picaco.llm.endpoint_pool import EndpointPool
-
-        # base_url first, then the extra endpoints; all serve the same model (one cache identity)
-        return EndpointPool(
-            [cfg.base_url, *cfg.endpoints],
+    if cfg.backend == "openai":
+        connection = dict(
             model=cfg.model,
             api_key=cfg.resolve_api_key(),
             max_in_flight=cfg.max_in_flight,
@@ -36,19 +32,14 @@ def make_backend(cfg: RoleConfig) -> Backend:
             likelihood=cfg.likelihood,
             prompt_template=cfg.prompt_template,
         )
-    if cfg.backend == "openai":
+        if cfg.endpoints:
+            from picaco.llm.endpoint_pool import EndpointPool
+
+            # base_url first, then the extra endpoints; all serve the same model (one cache identity)
+            return EndpointPool([cfg.base_url, *cfg.endpoints], **connection)
         from picaco.llm.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(
-            base_url=cfg.base_url,
-            model=cfg.model,
-            api_key=cfg.resolve_api_key(),
-            max_in_flight=cfg.max_in_flight,
-            timeout=cfg.timeout,
-            max_retries=cfg.max_retries,
-            likelihood=cfg.likelihood,
-            prompt_template=cfg.prompt_template,
-        )
+        return OpenAIBackend(base_url=cfg.base_url, **connection)
     if cfg.backend == "fake":
         from picaco.llm.fake import FakeBackend
 

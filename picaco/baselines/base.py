@@ -15,8 +15,10 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from picaco.errors import DataError
 from picaco.llm.base import Message
 from picaco.llm.client import LLMClient
 from picaco.values import ValueSet
@@ -141,3 +143,42 @@ class PromptMethod:
             "prior_turns": [m.as_dict() for m in self.prior_turns(value_set)],
             "calls_per_query": self.calls_per_query(value_set),
         }
+
+
+class SearchMethod(PromptMethod):
+    """A baseline that searches for its system prompt on the train queries before it is evaluated
+    (OPRO, GEPA): the optimizer role proposes, the optimization judge scores, within a call budget.
+    Subclasses implement the search in `prepare` and set `self.result` (with `.instruction`)."""
+
+    kind = "search"
+
+    def __init__(
+        self,
+        *,
+        optimizer: LLMClient,
+        judge,
+        train_queries: Sequence,
+        params,
+        seed_instruction: str | None = None,
+        accounting=None,
+        state_dir: str | Path | None = None,
+        name: str,
+    ):
+        super().__init__()
+        if not train_queries:
+            raise DataError(f"{name} needs train queries to score instructions on")
+        self.name = name
+        self.optimizer = optimizer
+        self.judge = judge
+        self.train_queries = list(train_queries)
+        self.params = params
+        self.seed_instruction = seed_instruction
+        self.accounting = accounting
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.optimized_against = judge.identity()
+        self.result = None
+
+    def system_prompt(self, value_set: ValueSet) -> str:
+        if self.result is None:
+            raise RuntimeError(f"{self.name} has not searched yet: await prepare(target, value_set) first")
+        return self.result.instruction

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from picaco.baselines.base import PromptMethod, fingerprint, value_list
+from picaco.baselines.base import SearchMethod, fingerprint, value_list
 from picaco.baselines.opro import requests_made
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError, DataError, PicacoError
@@ -316,40 +316,12 @@ def reflection_template(value_set, max_chars: int) -> str:
     return REFLECTION_TEMPLATE.format(values=value_list(value_set), words=max(20, max_chars // 7))
 
 
-class Gepa(PromptMethod):
+class Gepa(SearchMethod):
     kind = "gepa"
 
-    def __init__(
-        self,
-        *,
-        optimizer: LLMClient,
-        judge,
-        train_queries: Sequence[Query],
-        params: GepaParams,
-        seed_instruction: str | None = None,
-        accounting: Accounting | None = None,
-        state_dir: str | Path | None = None,
-        name: str = "GEPA",
-    ):
-        super().__init__()
-        if not train_queries:
-            raise DataError("GEPA needs train queries to score instructions on")
-        self.name = name
-        self.optimizer = optimizer
-        self.judge = judge
-        self.train_queries = list(train_queries)
-        self.params = params
-        self.seed_instruction = seed_instruction
-        self.accounting = accounting
-        self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.optimized_against = judge.identity()
+    def __init__(self, *, name: str = "GEPA", **kwargs):
+        super().__init__(name=name, **kwargs)
         self.result: GepaResult | None = None
-
-    # -- what the evaluation sees ------------------------------------------------------------------
-    def system_prompt(self, value_set) -> str:
-        if self.result is None:
-            raise RuntimeError("GEPA has not searched yet: await prepare(target, value_set) first")
-        return self.result.instruction
 
     def describe(self, value_set) -> dict:
         d = super().describe(value_set)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from picaco.baselines.base import PromptMethod, fingerprint
+from picaco.baselines.base import SearchMethod, fingerprint
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError, DataError
 from picaco.evaluate.metrics import overall_mean, value_means
@@ -222,40 +222,12 @@ def check_proposal(text: str, finish_reason: str, seen: set[str], max_chars: int
 # -- the method ------------------------------------------------------------------------------------
 
 
-class Opro(PromptMethod):
+class Opro(SearchMethod):
     kind = "opro"
 
-    def __init__(
-        self,
-        *,
-        optimizer: LLMClient,
-        judge,
-        train_queries: Sequence[Query],
-        params: OproParams,
-        seed_instruction: str | None = None,
-        accounting: Accounting | None = None,
-        state_dir: str | Path | None = None,
-        name: str = "OPRO",
-    ):
-        super().__init__()
-        if not train_queries:
-            raise DataError("OPRO needs train queries to score instructions on")
-        self.name = name
-        self.optimizer = optimizer
-        self.judge = judge
-        self.train_queries = list(train_queries)
-        self.params = params
-        self.seed_instruction = seed_instruction
-        self.accounting = accounting
-        self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.optimized_against = judge.identity()
+    def __init__(self, *, name: str = "OPRO", **kwargs):
+        super().__init__(name=name, **kwargs)
         self.result: OproResult | None = None
-
-    # -- what the evaluation sees ------------------------------------------------------------------
-    def system_prompt(self, value_set) -> str:
-        if self.result is None:
-            raise RuntimeError("OPRO has not searched yet: await prepare(target, value_set) first")
-        return self.result.instruction
 
     def describe(self, value_set) -> dict:
         d = super().describe(value_set)

@@ -65,13 +65,13 @@ def provenance_judge(path: str | Path) -> dict | None:
         return None
 
 
-def opro_params(config: RunConfig, max_calls: int, overrides: Mapping | None = None) -> OproParams:
-    """OPRO's settings from the run's preset (same proposals per step, minibatch, sampling and
-    length caps as PICACO), then any overrides."""
+def _search_params(kind, label: str, config: RunConfig, max_calls: int, overrides: Mapping | None,
+                   **extra):
+    """A searching baseline's settings from the run's preset (same minibatch, sampling and length
+    caps as PICACO, so the comparison is budget for budget), then any overrides."""
     p = config.params()
     base = {
         "max_calls": max_calls,
-        "candidates_per_step": max(1, p.candidates),
         "minibatch": p.minibatch,
         "samples_per_query": p.samples_per_query,
         "optimizer_temperature": p.optimizer_temperature,
@@ -80,34 +80,25 @@ def opro_params(config: RunConfig, max_calls: int, overrides: Mapping | None = N
         "max_new_tokens": p.max_new_tokens,
         "instruction_max_chars": p.instruction_max_chars,
         "seed": p.seed,
+        **extra,
     }
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - {f.name for f in fields(OproParams)})
+    unknown = sorted(set(overrides) - {f.name for f in fields(kind)})
     if unknown:
-        raise ConfigError(f"unknown OPRO setting(s): {', '.join(unknown)}")
-    return OproParams(**{**base, **overrides})
+        raise ConfigError(f"unknown {label} setting(s): {', '.join(unknown)}")
+    return kind(**{**base, **overrides})
+
+
+def opro_params(config: RunConfig, max_calls: int, overrides: Mapping | None = None) -> OproParams:
+    """OPRO's settings: PICACO's candidates per round as proposals per step, the rest as above."""
+    return _search_params(OproParams, "OPRO", config, max_calls, overrides,
+                          candidates_per_step=max(1, config.params().candidates))
 
 
 def gepa_params(config: RunConfig, max_calls: int, overrides: Mapping | None = None) -> GepaParams:
-    """GEPA's settings from the run's preset (PICACO's minibatch as GEPA's validation set, same
-    sampling and length caps; GEPA's own reflection minibatch of 3), then any overrides."""
-    p = config.params()
-    base = {
-        "max_calls": max_calls,
-        "minibatch": p.minibatch,
-        "samples_per_query": p.samples_per_query,
-        "optimizer_temperature": p.optimizer_temperature,
-        "optimizer_max_tokens": p.optimizer_max_tokens,
-        "response_temperature": p.response_temperature,
-        "max_new_tokens": p.max_new_tokens,
-        "instruction_max_chars": p.instruction_max_chars,
-        "seed": p.seed,
-    }
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - {f.name for f in fields(GepaParams)})
-    if unknown:
-        raise ConfigError(f"unknown GEPA setting(s): {', '.join(unknown)}")
-    return GepaParams(**{**base, **overrides})
+    """GEPA's settings: PICACO's minibatch as GEPA's validation set (GEPA's own reflection
+    minibatch stays 3), the rest as above."""
+    return _search_params(GepaParams, "GEPA", config, max_calls, overrides)
 
 
 def _search_budget(method: str, explicit: int | None, instructions: Mapping[str, Path]) -> int:
