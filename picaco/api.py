@@ -76,6 +76,7 @@ async def optimize_async(
 ):
     """Run (or resume) a PICACO optimization; returns the engine's `OptimizeResult`."""
     from picaco.optimize import optimize as run_engine
+    from picaco.optimize.engine import probe_clients
 
     value_set, queries = load_inputs(config, "train")
     params = config.params()
@@ -86,9 +87,7 @@ async def optimize_async(
         proxy = rt.client("proxy", config.optimizer) if params.mode == "proxy" else None
         # The scoring mode is chosen from the backends' capabilities, which an OpenAI-compatible
         # server only reveals when probed (can it return prompt log-probabilities?).
-        for client in (rt.client("target"), proxy):
-            if client is not None:
-                await client.probe()
+        startup_cost = await probe_clients(rt.accounting, [rt.client("target"), proxy])
         return await run_engine(
             target=rt.client("target"),
             optimizer=rt.client("optimizer"),
@@ -104,6 +103,7 @@ async def optimize_async(
             progress=progress,
             budget=rt.budget,
             config=config,
+            startup_cost=startup_cost,
         )
     finally:
         if own_runtime:

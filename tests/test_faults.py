@@ -191,8 +191,11 @@ def test_optimize_under_faults_matches_the_fault_free_run(rating_stack, tmp_path
     proxy.reset()
     _ok(_optimize(config, tmp_path / "replay", tmp_path / "cache-faulty"))
     replay = _accounting(tmp_path / "replay")["total"]
-    assert sum(proxy.snapshot()["received"].values()) == 0
-    assert replay["calls"] == 0 and replay["cache_hits"] == acc["total"]["calls"]
+    # only the capability probe reaches the server (one tiny likelihood request per process start,
+    # counted as a call); every piece of paid work comes from the cache
+    received = proxy.snapshot()["received"]
+    assert set(received) <= {"/v1/completions"} and sum(received.values()) == replay["calls"] <= 1
+    assert replay["cache_hits"] == acc["total"]["calls"] - replay["calls"]
     assert _result(tmp_path / "replay") == _result(tmp_path / "clean")
     _report("optimize", faulty, acc, rows=len(_responses(tmp_path / "faulty")))
 

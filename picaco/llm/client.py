@@ -56,11 +56,18 @@ class LLMClient:
         """Let a backend find out what its server can do (once); call before reading `has()`."""
         probe = getattr(self.backend, "probe", None)
         if probe is not None and not self._probed:
+            answered_before = _answered(self.backend)
+            t0 = time.perf_counter()
             with collect_faults() as faults:
                 try:
                     await probe()
                 finally:
                     self._record_faults(faults)
+                    # the probe's requests are paid for like any other: count them as calls
+                    answered = _answered(self.backend) - answered_before
+                    for _ in range(answered):
+                        self.accounting.record_call(self.role, prompt_tokens=0, completion_tokens=0,
+                                                    seconds=(time.perf_counter() - t0) / answered)
         self._probed = True
 
     def has(self, capability: str) -> bool:
@@ -240,3 +247,11 @@ def _rough_text_tokens(text: str) -> int:
 
 def _rough_tokens(messages: tuple[Message, ...]) -> int:
     return sum(_rough_text_tokens(m.content) + 4 for m in messages)
+
+
+def _answered(backend) -> int:
+    """Requests a backend got answers to so far (backends with transport counters; else 0)."""
+    transport = getattr(backend, "transport", None)
+    if transport is None:
+        return 0
+    return int(getattr(transport, "calls", 0)) - int(getattr(transport, "failed_calls", 0))

@@ -107,6 +107,17 @@ def _cost_json(cost: Accounting) -> dict:
     return {role: stats for role, stats in cost.to_json().items() if role != "total"}
 
 
+async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
+    """Let the clients' servers say what they can do before a run picks its scoring mode; returns
+    the requests that cost, for the run's accounting (pass it to `optimize` as `startup_cost`)."""
+    _count_units_too(accounting)
+    with unit_cost() as cost:
+        for client in clients:
+            if client is not None:
+                await client.probe()
+    return _cost_json(cost)
+
+
 def derive_seed(*parts: object) -> int:
     """A sampling seed that depends only on its parts (run seed, phase, round, query, sample)."""
     blob = json.dumps([str(p) for p in parts]).encode()
@@ -252,6 +263,7 @@ class Engine:
         budget: Budget | None = None,
         warnings: list[str] | None = None,
         run_config: dict | None = None,
+        startup_cost: dict | None = None,
     ):
         self.target = target
         self.optimizer = optimizer
@@ -285,6 +297,8 @@ class Engine:
         #: unit that a kill cut short is not in it, and the unit's redo is, so the totals (requests =
         #: calls + cache hits) are those of an uninterrupted run
         self.recorded = Accounting()
+        if startup_cost:
+            self.recorded.merge_json(startup_cost)  # this process's capability probes
         self._baseline: dict[int, dict] = {}
         self._mark_accounting_baseline()
         for acc in self._accountings():
@@ -1009,6 +1023,7 @@ async def optimize(
     progress: ProgressSink | None = None,
     budget: Budget | None = None,
     config=None,
+    startup_cost: dict | None = None,
 ) -> OptimizeResult:
     """Optimize one meta-instruction for `value_set` with PICACO; resumable in `run_dir`.
 
@@ -1029,7 +1044,7 @@ async def optimize(
         target=target, optimizer=optimizer, judge=judge, redundancy=adapt_redundancy(redundancy, value_set),
         value_set=value_set, queries=used, params=params, run_dir=rundir, seed_instruction=seed,
         init_from=source, proxy=proxy, progress=progress, budget=budget, warnings=warnings,
-        run_config=_public_config(config),
+        run_config=_public_config(config), startup_cost=startup_cost,
     )
     try:
         return await engine.run()
