@@ -258,29 +258,41 @@ def start_in_process(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[De
             raise RuntimeError(f"delay server failed to start: {line!r}")
         yield DelayServerHandle(f"http://{host}:{int(line)}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def stop_child(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Terminate a server child, and kill it when it does not stop within `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def serve_main(server_class, description: str) -> None:
+    """The child process's entry point: serve `server_class(delay)` and print the port it got."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0)
     args = ap.parse_args()
 
     async def run() -> None:
-        srv = await DelayServer(args.delay).serve(args.host, args.port)
+        srv = await server_class(args.delay).serve(args.host, args.port)
         print(srv.sockets[0].getsockname()[1], flush=True)
         async with srv:
             await srv.serve_forever()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+def main() -> None:
+    serve_main(DelayServer, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from support.delay_server import stop_child
+
 
 @dataclass(frozen=True)
 class LlamaServer:
@@ -66,14 +68,7 @@ def _wait_until_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout:
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_child(proc, grace)
 
 
 @contextlib.contextmanager

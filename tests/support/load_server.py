@@ -17,7 +17,6 @@ Run it in a thread (:func:`start_in_thread`) or in a child process (:func:`start
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from support.delay_server import _MODEL_PATHS, DelayServer, DelayServerHandle, _response
+from support.delay_server import _MODEL_PATHS, DelayServer, DelayServerHandle, _response, serve_main, stop_child
 
 
 class LoadServer(DelayServer):
@@ -162,29 +161,11 @@ def start_in_process(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[Lo
         handle.pid = proc.pid  # type: ignore[attr-defined]
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--delay", type=float, default=0.0)
-    args = ap.parse_args()
-
-    async def run() -> None:
-        srv = await LoadServer(args.delay).serve(args.host, args.port)
-        print(srv.sockets[0].getsockname()[1], flush=True)
-        async with srv:
-            await srv.serve_forever()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    serve_main(LoadServer, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
