@@ -215,9 +215,9 @@ class DelayServerHandle:
 
 
 @contextlib.contextmanager
-def start_in_thread(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[DelayServerHandle]:
-    """Run a DelayServer on its own event loop in a daemon thread; yields a handle."""
-    server = DelayServer(delay)
+def serve_in_thread(server, host: str = "127.0.0.1", name: str = "delay-server") -> Iterator[int]:
+    """Run `server` (anything with ``serve(host, port)``) on its own event loop in a daemon thread;
+    yields the port it listens on, and stops it (open connections cancelled) on exit."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict = {}
@@ -226,7 +226,6 @@ def start_in_thread(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[Del
         asyncio.set_event_loop(loop)
         srv = loop.run_until_complete(server.serve(host, 0))
         box["port"] = srv.sockets[0].getsockname()[1]
-        box["srv"] = srv
         started.set()
         loop.run_forever()
         srv.close()
@@ -236,15 +235,22 @@ def start_in_thread(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[Del
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
-    thread = threading.Thread(target=run, name="delay-server", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     if not started.wait(10):
-        raise RuntimeError("delay server did not start")
+        raise RuntimeError(f"{name} did not start")
     try:
-        yield DelayServerHandle(f"http://{host}:{box['port']}")
+        yield box["port"]
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def start_in_thread(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[DelayServerHandle]:
+    """Run a DelayServer on its own event loop in a daemon thread; yields a handle."""
+    with serve_in_thread(DelayServer(delay), host) as port:
+        yield DelayServerHandle(f"http://{host}:{port}")
 
 
 @contextlib.contextmanager

@@ -17,19 +17,17 @@ Run it in a thread (:func:`start_in_thread`) or in a child process (:func:`start
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from support.delay_server import _MODEL_PATHS, DelayServer, DelayServerHandle, _response, serve_main, stop_child
+from support.delay_server import _MODEL_PATHS, DelayServer, DelayServerHandle, _response, serve_in_thread, serve_main, stop_child
 
 
 class LoadServer(DelayServer):
@@ -114,33 +112,8 @@ class LoadServerHandle(DelayServerHandle):
 
 @contextlib.contextmanager
 def start_in_thread(delay: float = 0.0, host: str = "127.0.0.1") -> Iterator[LoadServerHandle]:
-    server = LoadServer(delay)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = loop.run_until_complete(server.serve(host, 0))
-        box["port"] = srv.sockets[0].getsockname()[1]
-        started.set()
-        loop.run_forever()
-        srv.close()
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
-
-    thread = threading.Thread(target=run, name="load-server", daemon=True)
-    thread.start()
-    if not started.wait(10):
-        raise RuntimeError("load server did not start")
-    try:
-        yield LoadServerHandle(f"http://{host}:{box['port']}")
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with serve_in_thread(LoadServer(delay), host, "load server") as port:
+        yield LoadServerHandle(f"http://{host}:{port}")
 
 
 @contextlib.contextmanager
