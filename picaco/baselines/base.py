@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -182,3 +183,16 @@ class SearchMethod(PromptMethod):
         if self.result is None:
             raise RuntimeError(f"{self.name} has not searched yet: await prepare(target, value_set) first")
         return self.result.instruction
+
+    def minibatch(self) -> list:
+        """The train queries every candidate is scored on: `params.minibatch` of them, drawn with
+        `params.seed` (the same draw for OPRO and GEPA)."""
+        rng = random.Random(self.params.seed)
+        return rng.sample(self.train_queries, min(self.params.minibatch, len(self.train_queries)))
+
+    def _seed_text(self, value_set: ValueSet) -> str:
+        if self.seed_instruction:
+            return self.seed_instruction
+        from picaco.optimize.proposer import default_seed_instruction
+
+        return default_seed_instruction(value_set)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
 import tempfile
 from collections.abc import Coroutine, Sequence
@@ -336,16 +335,8 @@ class Gepa(SearchMethod):
 
     # -- data ----------------------------------------------------------------------------------------
     def valset(self) -> list[Query]:
-        """GEPA's validation set: `minibatch` train queries chosen with the seed (as OPRO's)."""
-        rng = random.Random(self.params.seed)
-        return rng.sample(self.train_queries, min(self.params.minibatch, len(self.train_queries)))
-
-    def _seed_text(self, value_set) -> str:
-        if self.seed_instruction:
-            return self.seed_instruction
-        from picaco.optimize.proposer import default_seed_instruction
-
-        return default_seed_instruction(value_set)
+        """GEPA's validation set: the searching baselines' common minibatch (as OPRO's)."""
+        return self.minibatch()
 
     def _fingerprint(self, target: LLMClient, value_set) -> str:
         return fingerprint({

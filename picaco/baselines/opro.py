@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -241,17 +240,6 @@ class Opro(SearchMethod):
         return d
 
     # -- the search --------------------------------------------------------------------------------
-    def minibatch(self) -> list[Query]:
-        rng = random.Random(self.params.seed)
-        return rng.sample(self.train_queries, min(self.params.minibatch, len(self.train_queries)))
-
-    def _seed_text(self, value_set) -> str:
-        if self.seed_instruction:
-            return self.seed_instruction
-        from picaco.optimize.proposer import default_seed_instruction
-
-        return default_seed_instruction(value_set)
-
     def _fingerprint(self, target: LLMClient, value_set) -> str:
         return fingerprint({
             "params": asdict(self.params), "seed": self._seed_text(value_set),
