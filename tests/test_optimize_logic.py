@@ -54,7 +54,7 @@ QUERIES = [
 SMALL = OptimizeParams(
     n_queries=3, samples_per_query=2, aligned_pool_size=2, noisy_pool_size=2, bare_samples=3,
     candidates=2, rounds=3, patience=None, max_new_tokens=20, optimizer_max_tokens=60,
-    instruction_max_chars=400, minibatch=2, seed=7,
+    instruction_max_chars=400, minibatch=2, seed=7, grounded=0,
 )
 
 
@@ -438,21 +438,24 @@ def test_sampling_score_is_mean_f_without_unscored():
 
 
 def test_estimate_counts_calls_per_role():
-    tiny = PRESETS["tiny"]  # N=2 n=1 M1=2 M2=2 bare=2 C=2 T=2
+    tiny = PRESETS["tiny"]  # N=2 n=1 M1=2 M2=2 bare=2 C=2 T=2, 2 value-grounded candidates
     est = estimate(tiny, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3)
     roles = est.roles
     # bare 2*2 + rounds 2*(2*1) + report 2*1 = 10
     assert roles["target generate"].calls == 10
-    # (C+1) * N * (M1+M2) per round = 3*2*4 = 24; two rounds + final (T+1)*N*pool = 3*2*4 = 24
-    assert roles["target likelihood"].calls == 72
-    assert roles["optimizer"].calls == 4
+    # (C+G+1) * N * (M1+M2) per round = 5*2*4 = 40; two rounds + final (T+1)*N*pool = 3*2*4 = 24
+    assert roles["target likelihood"].calls == 104
+    assert roles["optimizer"].calls == 4  # grounded candidates cost no optimizer call
     # judged: rounds 2*2 + report 2 = 6 responses, 3 calls each
     assert roles["judge"].calls == 18
-    assert est.total_calls == 104
-    assert est.first_round_calls == 4 + (2 * (1 + 3) + 2 + 24)
+    assert est.total_calls == 136
+    assert est.first_round_calls == 4 + (2 * (1 + 3) + 2 + 40)
+    paper_only = tiny.model_copy(update={"grounded": 0})
+    est0 = estimate(paper_only, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3)
+    assert est0.roles["target likelihood"].calls == 72  # (C+1)*N*pool = 24 per round, + 24 final
     samp = estimate(tiny, n_queries=2, n_values=3, mode="sampling", judge_calls_per_response=0)
-    # bare 4 + rounds 4 + report 2 + per round (C+1)*min(minibatch, N)*n = 3*2*1 = 6, twice
-    assert samp.roles["target generate"].calls == 22
+    # bare 4 + rounds 4 + report 2 + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
+    assert samp.roles["target generate"].calls == 30
     assert "target likelihood" not in samp.roles
     assert "pre-flight estimate" in est.describe()
 
@@ -688,6 +691,45 @@ def test_warm_start_from_a_run_directory_and_from_a_text_file(reference, tmp_pat
         Setup().run(tmp_path / "x", init_from=text, seed_instruction="Hi there, be nice.")
     with pytest.raises(ConfigError, match="neither a run directory nor a text file"):
         Setup().run(tmp_path / "y", init_from=tmp_path / "missing")
+
+
+def test_grounded_candidates_are_written_from_the_value_spec():
+    vs = VALUES
+    standings = proposer.order_weakest_first(vs, {vs.values[-1].id: 0.1, vs.values[0].id: 0.9})
+    weakest = vs.values[-1]
+    standards, focus = proposer.grounded_candidates(vs, standings, "Be good.", max_chars=2000, n=2)
+    lines = standards.splitlines()
+    # every value's behaviour, weakest first
+    assert lines[1].startswith(f"- {weakest.title}: ")
+    assert all(any(line.startswith(f"- {v.title}: ") for line in lines) for v in vs.values)
+    assert focus == f"Be good.\nAbove all, {weakest.title}: {proposer._behaviour(weakest)}"
+    # too long for max_chars: the strongest values keep only their titles, and it still fits
+    short = proposer.grounded_candidates(vs, standings, "Be good.", max_chars=len(standards) - 1, n=1)
+    assert len(short) == 1 and len(short[0]) < len(standards) and "Also honour" in short[0]
+    assert short[0].splitlines()[1].startswith(f"- {weakest.title}: ")
+    assert proposer.grounded_candidates(vs, standings, "Be good.", max_chars=2000, n=0) == []
+    # they pass the same checks as the optimizer's proposals
+    verdicts = proposer.check_candidates([(standards, "stop"), (focus, "stop")], current="Be good.",
+                                         max_chars=2000)
+    assert all(v.kept for v in verdicts), verdicts
+
+
+def test_grounded_candidates_compete_when_the_optimizer_offers_nothing(tmp_path):
+    s = Setup()
+    # an optimizer that only repeats the current instruction: only grounded candidates are left
+    s.optimizer_backend.responder = lambda req: req.messages[1].content.split('"""')[1].strip()
+    params = SMALL.model_copy(update={"rounds": 1, "grounded": 2})
+    s.run(tmp_path, params)
+    cands = _records(tmp_path, "candidates.jsonl")
+    verdicts = [c for c in cands if c["kind"] == "verdict"]
+    assert [v["source"] for v in verdicts] == ["optimizer", "optimizer", "grounded", "grounded"]
+    assert [v["kept"] for v in verdicts] == [False, False, True, True]
+    assert sum(c["kind"] == "proposal" for c in cands) == 2  # no optimizer call for grounded ones
+    scored = {c["instruction"] for c in cands if c["kind"] == "score" and c["tag"] == "round1"}
+    assert {v["text"] for v in verdicts if v["kept"]} <= scored
+    (round1,) = _records(tmp_path, "rounds.jsonl")
+    best = max(c["score"] for c in cands if c["kind"] == "score" and c["tag"] == "round1")
+    assert round1["objective"] == pytest.approx(best)
 
 
 def test_early_stop_when_the_instruction_is_stable(tmp_path):

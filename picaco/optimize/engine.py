@@ -590,7 +590,7 @@ class Engine:
 
     async def propose(self, round: int, current: str, sampled: list[Scored]) -> list[proposer.Verdict]:
         p = self.params
-        if p.candidates == 0:
+        if p.candidates == 0 and p.grounded == 0:
             return []
         query_text = {q.id: q.text for q in self.queries}
         good = [proposer.Example(query_text[s.query_id], s.text)
@@ -627,13 +627,20 @@ class Engine:
             await gather_all([one(c) for c in missing])
         raw = [(self.candidate_records[k]["raw"], self.candidate_records[k]["finish_reason"])
                for k in keys]
+        # value-grounded candidates: a pure function of the value set, the standings and the
+        # current instruction, so they need no record of their own to resume
+        grounded = proposer.grounded_candidates(self.value_set, standings, current,
+                                                max_chars=p.instruction_max_chars, n=p.grounded)
+        raw += [(text, "stop") for text in grounded]
         verdicts = proposer.check_candidates(raw, current=current,
                                              max_chars=p.instruction_max_chars,
                                              examples=good + parroting)
         for v in verdicts:
             key = f"verdict|{round}|{v.index}"
             if key not in self.candidate_records:
-                record = {"key": key, "kind": "verdict", "round": round, **v.to_json(),
+                source = "optimizer" if v.index < p.candidates else "grounded"
+                record = {"key": key, "kind": "verdict", "round": round, "source": source,
+                          **v.to_json(),
                           "instruction_hash": instruction_hash(v.text) if v.kept else None}
                 self.rundir.append("candidates.jsonl", record)
                 self.candidate_records[key] = record

@@ -63,6 +63,10 @@ class OptimizeParams(BaseModel):
         4, ge=0,
         description="C: instructions proposed per round",
     )
+    grounded: int = Field(
+        2, ge=0, le=2,
+        description="value-grounded candidates added per round (0 = optimizer proposals only, as in the paper)",
+    )
     rounds: int = Field(10, ge=0, description="T: rounds")
     beta: float = Field(1.0, gt=0, description="weight of conformity against redundancy in f")
     lam: float = Field(
@@ -193,6 +197,7 @@ def estimate(
     (0 for the offline judge, K for a per-value LLM judge).
     """
     N, n, T, C = n_queries, params.samples_per_query, params.rounds, params.candidates
+    scored = C + params.grounded + 1  # proposals, value-grounded candidates, and the current one
     pool = params.aligned_pool_size + params.noisy_pool_size
     instr = instruction_tokens if instruction_tokens is not None else params.instruction_max_chars // 4
     gen_tokens = instr + query_tokens + params.max_new_tokens
@@ -200,11 +205,11 @@ def estimate(
     enhance = N * n
     # the final instruction is sampled once more (on round-1 seeds) for the seed-vs-final report
     report = N * n
-    sampling_per_round = (C + 1) * min(params.minibatch, N) * n if mode == "sampling" else 0
+    sampling_per_round = scored * min(params.minibatch, N) * n if mode == "sampling" else 0
     target_gen = bare + T * enhance + report + T * sampling_per_round
-    # the current instruction and the C candidates score every pooled response; at the end, every
+    # the current instruction and every candidate score each pooled response; at the end, every
     # instruction of the trajectory is scored again on the final pools
-    lik_per_round = (C + 1) * N * pool if mode in ("likelihood", "proxy") else 0
+    lik_per_round = scored * N * pool if mode in ("likelihood", "proxy") else 0
     lik_final = (T + 1) * N * pool if mode in ("likelihood", "proxy") else 0
     lik_tokens = instr + query_tokens + params.max_new_tokens
     judged = T * enhance + report + T * sampling_per_round

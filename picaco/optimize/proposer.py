@@ -266,6 +266,47 @@ def check_candidates(
     return verdicts
 
 
+# -- value-grounded candidates -------------------------------------------------------------------------
+
+def _behaviour(value) -> str:
+    """What an answer that honours the value does: its ``conforming`` text, else its definition."""
+    return " ".join((value.conforming or value.definition).split())
+
+
+def grounded_candidates(
+    value_set: ValueSet, standings: Sequence[ValueStanding], current: str, *, max_chars: int, n: int
+) -> list[str]:
+    """Up to ``n`` candidates written from the value specification itself, not by the optimizer model.
+
+    1. *standards*: every value's conforming behaviour as a checklist, weakest value first; when it
+       does not fit in ``max_chars``, the strongest values keep only their titles.
+    2. *focus*: the current instruction plus the conforming behaviour of the weakest value.
+
+    Why: a small optimizer model mostly paraphrases or copies its prompt (measured: on the cpu preset
+    most 1.5B proposals were discarded as leaks or near-copies), so a round could offer nothing but the
+    incumbent. These two are always well-formed, say what each value asks for in behavioural terms,
+    and still have to win on the objective like any other candidate.
+    """
+    by_id = {v.id: v for v in value_set.values}
+    ordered = [by_id[s.id] for s in standings] or list(value_set.values)
+    out: list[str] = []
+    if n >= 1:
+        head = "You are a helpful assistant. Make every answer meet these standards, in what it says and advises:"
+        for described in range(len(ordered), 0, -1):
+            lines = [head, *(f"- {v.title}: {_behaviour(v)}" for v in ordered[:described])]
+            rest = [v.title for v in ordered[described:]]
+            if rest:
+                lines.append(f"- Also honour {', '.join(rest)}.")
+            text = "\n".join(lines)
+            if len(text) <= max_chars:
+                out.append(text)
+                break
+    if n >= 2 and ordered:
+        weakest = ordered[0]
+        out.append(f"{current.strip()}\nAbove all, {weakest.title}: {_behaviour(weakest)}")
+    return out
+
+
 def default_seed_instruction(value_set: ValueSet) -> str:
     """The Q+IF prompt: a short instruction that lists the values by title."""
     titles = [v.title for v in value_set.values]
