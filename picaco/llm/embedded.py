@@ -21,7 +21,9 @@ response cut at the same places as alone. Fewer, larger decodes are faster on CP
 *not* those of one response per decode: llama.cpp's CPU kernels give the same row different values
 depending on the decode's shape (measured on the dev machine: a decode of 64 or more tokens switches
 kernels; grouped vs. one-at-a-time differed by up to 0.4 nats on a token for qwen2.5-coder-0.5b and
-0.5 for SmolLM2, 15-28 responses of 1-620 tokens, while decodes under 64 tokens matched exactly). A
+0.5 for SmolLM2, 15-28 responses of 1-620 tokens, while decodes under 64 tokens matched exactly).
+No layout avoids it: a response's numbers move with whatever precedes it in the decode, with flash
+attention on or off and with responses started at aligned KV cells (``bench/grouping_probe.py``). A
 grouped score therefore depends on what else was scored with it: the default (1) keeps one response
 per decode.
 
