@@ -693,6 +693,22 @@ def test_warm_start_from_a_run_directory_and_from_a_text_file(reference, tmp_pat
         Setup().run(tmp_path / "y", init_from=tmp_path / "missing")
 
 
+def test_a_copied_meta_prompt_sentence_is_cut_and_the_rest_kept():
+    raw = ("You are a helpful assistant. Answer directly and usefully. Honoured least so far: Clarity. "
+           "Use simple language and explain your reasons.")
+    (v,) = proposer.check_candidates([(raw, "stop")], current="Be good.", max_chars=500)
+    assert v.kept and v.text == ("You are a helpful assistant. Answer directly and usefully. "
+                                 "Use simple language and explain your reasons.")
+    assert v.note == "cut 1 sentence(s) with meta-prompt phrase 'honoured least'"
+    # nothing usable left, or a leak that is not a copied phrase: discarded as before
+    only = proposer.check_candidates([("Honoured least so far: Depth.", "stop")], current="Be good.",
+                                     max_chars=500)
+    assert not only[0].kept and only[0].reason.startswith("leak")
+    marker = "Be clear and kind to everyone.\nQuestion: what now?"
+    (m,) = proposer.check_candidates([(marker, "stop")], current="Be good.", max_chars=500)
+    assert not m.kept and m.reason == "leak: example marker 'Question:/Answer:'"
+
+
 def test_grounded_candidates_are_written_from_the_value_spec():
     vs = VALUES
     standings = proposer.order_weakest_first(vs, {vs.values[-1].id: 0.1, vs.values[0].id: 0.9})

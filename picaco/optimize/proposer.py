@@ -196,6 +196,7 @@ class Verdict:
     finish_reason: str
     kept: bool
     reason: str = ""  # why discarded: empty | truncated | too_long | leak: ... | unchanged | near_duplicate
+    note: str = ""  # what was cut to keep it (see ``salvage``)
 
     def to_json(self) -> dict:
         return {
@@ -204,6 +205,7 @@ class Verdict:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "kept": self.kept,
+            "note": self.note,
             "reason": self.reason,
         }
 
@@ -234,6 +236,24 @@ def find_leak(candidate: str, examples: Sequence[Example] = ()) -> str | None:
     return None
 
 
+#: leak patterns whose sentence can be cut out (a copied phrase); the others discard the candidate
+_SALVAGEABLE = 6
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def salvage(text: str) -> tuple[str, int]:
+    """The text without the sentences that carry a meta-prompt phrase, and how many were cut.
+
+    Small optimizer models often copy one line of their prompt ("Honoured least so far: Clarity.")
+    into an otherwise usable instruction; cutting that sentence keeps the rest (measured on the cpu
+    preset with the 1.5B optimizer: most round-1 proposals were lost to this one phrase).
+    """
+    sentences = [x for x in _SENTENCE.split(text) if x.strip()]
+    patterns = [pattern for _, pattern in LEAK_PATTERNS[:_SALVAGEABLE]]
+    kept = [x for x in sentences if not any(p.search(x) for p in patterns)]
+    return " ".join(x.strip() for x in kept), len(sentences) - len(kept)
+
+
 def check_candidates(
     proposals: Sequence[tuple[str, str]],
     *,
@@ -247,7 +267,12 @@ def check_candidates(
     kept: list[str] = []
     for i, (raw, finish) in enumerate(proposals):
         text = parse_candidate(raw)
-        reason = ""
+        reason = note = ""
+        leak = find_leak(text, examples)
+        if leak is not None and any(leak == label for label, _ in LEAK_PATTERNS[:_SALVAGEABLE]):
+            cut, n_cut = salvage(text)
+            if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, examples) is None:
+                text, note = cut, f"cut {n_cut} sentence(s) with {leak}"
         if finish == "length":
             reason = "truncated"
         elif len(text) < MIN_CHARS or not re.search(r"[A-Za-z]", text):
@@ -262,7 +287,7 @@ def check_candidates(
             reason = "near_duplicate"
         if not reason:
             kept.append(text)
-        verdicts.append(Verdict(i, raw, text, finish, not reason, reason))
+        verdicts.append(Verdict(i, raw, text, finish, not reason, reason, note))
     return verdicts
 
 
