@@ -29,6 +29,7 @@ from picaco.optimize import (
     select_mode,
 )
 from picaco.optimize import proposer
+from picaco.optimize.params import preset
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.rundir import RunDir
 from picaco.optimize.scoring import likelihood_score, sampling_score
@@ -899,6 +900,15 @@ def test_result_carries_ratings_accounting_and_the_callers_config(tmp_path):
     assert result.accounting["total"]["calls"] == result.calls
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["run_config"] == {"values": "test-3", "preset": "tiny"}
+
+
+def test_cpu_preset_selects_candidates_on_fresh_samples():
+    # [decide] on small pools the pooled J favours the incumbent (docs/method.md): the cpu preset
+    # scores every candidate on fresh samples of all its queries; paper keeps the paper's J
+    cpu = PRESETS["cpu"]
+    assert cpu.mode == "sampling" and cpu.minibatch == cpu.n_queries
+    assert PRESETS["paper"].mode == "auto"
+    assert preset("cpu", mode="likelihood").mode == "likelihood"  # still overridable
 
 
 def test_paper_symbols_are_accepted_in_params():

@@ -114,10 +114,14 @@ PRESETS: dict[str, OptimizeParams] = {
         optimizer_max_tokens=400, instruction_max_chars=1500, minibatch=8,
     ),
     # A quick run on 2 CPU cores: 0.5B target, 1.5B optimizer, offline judge, under ~15 minutes.
+    # Candidates are chosen on fresh samples of every query (sampling mode), not by the pooled J:
+    # at this size J ranks candidates by closeness to the incumbent (docs/method.md, "[decide]
+    # Selection on small runs").
     "cpu": OptimizeParams(
         n_queries=6, samples_per_query=2, aligned_pool_size=3, noisy_pool_size=3, bare_samples=3,
         candidates=3, rounds=3, patience=2, max_new_tokens=96, optimizer_max_tokens=200,
-        instruction_max_chars=800, minibatch=3, good_examples=2, parroting_examples=1,
+        instruction_max_chars=800, mode="sampling", minibatch=6, good_examples=2,
+        parroting_examples=1,
     ),
     # For tests with SmolLM2-135M.
     "tiny": OptimizeParams(
