@@ -6,6 +6,7 @@ an endpoint that keeps failing exits 3; a spent budget exits 4. No tracebacks fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -309,6 +310,18 @@ def _parse_instructions(items: list[str]) -> dict[str, Path]:
     return parsed
 
 
+@contextlib.contextmanager
+def _evaluation_progress(quiet: bool, as_json: bool):
+    """Per-method bars for the evaluation harness (stderr), closed even when it fails."""
+    from picaco.optimize.progress import EvaluationProgress
+
+    progress = EvaluationProgress("json" if as_json else "quiet" if quiet else "rich")
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
 def _print_evaluation(result, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"event": "result", "out_dir": str(result.out_dir), "summary": result.summary}))
@@ -330,6 +343,7 @@ def evaluate(
     samples: int = typer.Option(1, help="Responses per query per method."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field: --set eval_judge.type=llm"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Evaluate instructions and baselines side by side on held-out queries.
@@ -341,10 +355,11 @@ def evaluate(
     from picaco.evaluate import evaluate_config_sync
 
     cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
-    result = evaluate_config_sync(
-        cfg, method, _parse_instructions(instruction), out_dir=out_dir, n_queries=n_queries,
-        samples_per_query=samples,
-    )
+    with _evaluation_progress(quiet, as_json) as progress:
+        result = evaluate_config_sync(
+            cfg, method, _parse_instructions(instruction), out_dir=out_dir, n_queries=n_queries,
+            samples_per_query=samples, progress=progress,
+        )
     _print_evaluation(result, as_json)
 
 
@@ -378,7 +393,9 @@ def compare(
         progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
         api.optimize(cfg, run_dir=run_dir, progress=progress)
         instructions["PICACO"] = run_dir / "instruction.txt"
-    result = evaluate_config_sync(cfg, names, instructions, out_dir=out_dir / "eval", n_queries=n_queries)
+    with _evaluation_progress(quiet, as_json) as eval_progress:
+        result = evaluate_config_sync(cfg, names, instructions, out_dir=out_dir / "eval", n_queries=n_queries,
+                                      progress=eval_progress)
     if "PICACO" in names:
         _auto_report(out_dir / "picaco-run", compare=result.out_dir / "summary.json")
     _print_evaluation(result, as_json)

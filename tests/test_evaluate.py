@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +288,42 @@ def test_a_second_process_on_the_same_directory_is_refused(tmp_path):
     finally:
         holder.close()
     assert asyncio.run(evaluate([Bare()], **kw)).new_rows == 0  # released
+
+
+# -- progress on the command line ------------------------------------------------------------------------
+
+
+def _cli_evaluate(tmp_path, *flags: str):
+    import subprocess
+    import sys as _sys
+
+    config = tmp_path / "fake.yaml"
+    config.write_text("values: helpfulness-4\ntarget: {backend: fake, model: fake-target}\njudge: {type: offline}\n")
+    script = Path(_sys.executable).with_name("picaco")
+    argv = [str(script)] if script.exists() else [_sys.executable, "-c", "from picaco.cli import main; main()"]
+    from picaco import paths
+
+    env = {**os.environ, paths.CACHE_ENV: str(tmp_path / "cache"), paths.MODELS_ENV: str(paths.models_dir()),
+           "COLUMNS": "100"}
+    return subprocess.run(
+        [*argv, "evaluate", "-c", str(config), "-m", "Q", "-m", "Q+IF", "--n-queries", "3",
+         "-o", str(tmp_path / f"out{len(flags)}{'-'.join(flags)}"), *flags],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def test_evaluate_shows_progress_per_method_and_quiet_hides_it(tmp_path):
+    as_json = _cli_evaluate(tmp_path, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    events = [json.loads(line) for line in as_json.stderr.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["kind"] == "evaluate"]
+    assert {e["phase"] for e in progress} == {"Q", "Q+IF"}
+    for method in ("Q", "Q+IF"):
+        last = [e for e in progress if e["phase"] == method][-1]
+        assert last["done"] == last["total"] == 3
+    rich = _cli_evaluate(tmp_path, "--no-cache")
+    assert rich.returncode == 0, rich.stderr
+    assert "Q+IF" in rich.stderr and "3/3" in rich.stderr
+    quiet = _cli_evaluate(tmp_path, "--quiet", "--no-cache")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "3/3" not in quiet.stderr and '"evaluate"' not in quiet.stderr

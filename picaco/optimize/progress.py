@@ -201,3 +201,41 @@ def make_progress(kind: str = "rich") -> ProgressSink:
     if kind == "json":
         return JsonLinesProgress()
     raise ValueError(f"unknown progress kind {kind!r}: use rich, quiet or json")
+
+
+class EvaluationProgress:
+    """Rows generated and judged per method during ``evaluate`` / ``compare``.
+
+    Called by the evaluation harness as ``progress(method, rows_done, rows_total)``; shows one bar per
+    method on stderr ("rich"), one JSON line per update ("json"), or nothing ("quiet").
+    """
+
+    def __init__(self, kind: str = "rich", stream: IO[str] | None = None):
+        if kind not in ("rich", "json", "quiet"):
+            raise ValueError(f"unknown progress kind {kind!r}: use rich, quiet or json")
+        self.kind = kind
+        self.stream = stream if stream is not None else sys.stderr
+        self._bar = None
+        self._tasks: dict[str, int] = {}
+
+    def __call__(self, method: str, done: int, total: int) -> None:
+        if self.kind == "json":
+            event = ProgressEvent("evaluate", phase=method, done=done, total=total)
+            self.stream.write(json.dumps(event.to_json(), default=str) + "\n")
+            self.stream.flush()
+        elif self.kind == "rich":
+            if self._bar is None:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self._bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=Console(file=self.stream), transient=False)
+                self._bar.start()
+            if method not in self._tasks:
+                self._tasks[method] = self._bar.add_task(method, total=total)
+            self._bar.update(self._tasks[method], completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
