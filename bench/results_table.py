@@ -9,9 +9,14 @@ number comes from the summaries, so the table is exactly what the commands produ
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
+
+
+#: rows in the paper's order: the bare model, the prompting baselines, the optimizers, PICACO last
+METHOD_ORDER = ("Q", "Q+IF", "URIAL", "URIAL+Sum", "MP", "Modular", "OPRO", "GEPA", "PICACO")
 
 
 def _f(x, digits: int = 2) -> str:
@@ -28,20 +33,26 @@ def _ci(pair, fmt=_f) -> str:
     return f" [{fmt(pair[0])}, {fmt(pair[1])}]"
 
 
-def optimization_calls(compare_dir: Path, summary: dict) -> dict[str, int]:
-    """Model calls each optimizing method spent before evaluation (PICACO's run, OPRO's and GEPA's
-    spend as the harness recorded it)."""
-    spend: dict[str, int] = {}
+def optimization_requests(compare_dir: Path) -> dict[str, str]:
+    """Model requests each optimizing method spent before evaluation, cache hits included (the unit
+    of the shared budget): PICACO's from its run's accounting, OPRO's and GEPA's (with the budget they
+    were held to) from the provenance the harness recorded in `eval/methods.json`."""
+    spend: dict[str, str] = {}
     acc = compare_dir / "picaco-run" / "accounting.json"
     if acc.is_file():
-        data = json.loads(acc.read_text())
-        roles = data.get("roles", data)
-        total = roles.get("total") or {}
-        spend["PICACO"] = int(total.get("calls", 0)) if isinstance(total, dict) else 0
-    for name, s in summary["methods"].items():
-        opt = s.get("optimization_calls")
-        if opt is not None:
-            spend[name] = int(opt)
+        total = json.loads(acc.read_text()).get("total") or {}
+        spend["PICACO"] = str(int(total.get("calls", 0)) + int(total.get("cache_hits", 0)))
+    methods = compare_dir / "eval" / "methods.json"
+    if methods.is_file():
+        for name, desc in json.loads(methods.read_text()).items():
+            prov = desc.get("provenance")
+            if isinstance(prov, str):
+                try:
+                    prov = ast.literal_eval(prov)
+                except (ValueError, SyntaxError):
+                    prov = None
+            if isinstance(prov, dict) and "spent" in prov:
+                spend[name] = f"{prov['spent']} of {prov.get('max_calls', '?')}"
     return spend
 
 
@@ -54,7 +65,7 @@ def pair_p(summary: dict, a: str, b: str) -> float | None:
 
 def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
     summary = json.loads((compare_dir / "eval" / "summary.json").read_text())
-    spend = optimization_calls(compare_dir, summary)
+    spend = optimization_requests(compare_dir)
     name = summary["value_set"]["name"]
     judge = summary.get("judge", {})
     lines = [
@@ -65,17 +76,18 @@ def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
         f"same judge as optimization: {'YES' if summary.get('same_judge') else 'no'}.",
         "",
         f"| method | mean (1–5) [95% CI] | lowest value | CV ↓ [95% CI] | dropped ↓ | fake ↓ | win vs Q | "
-        f"p vs {focus} (Holm) | optimization calls | calls/query |",
+        f"p vs {focus} (Holm) | optimization requests | calls/query |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, s in summary["methods"].items():
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for m, s in sorted(summary["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         ci = s.get("ci", {})
         p = None if m == focus else pair_p(summary, m, focus)
         lines.append(
             f"| {m} | {_f(s['mean'])}{_ci(ci.get('mean'))} | {_f(s['lowest'])} ({s.get('lowest_value') or '–'}) | "
             f"{_f(s['cv'], 3)}{_ci(ci.get('cv'), lambda x: _f(x, 3))} | {_pct(s['dropped_share'])} | "
             f"{_pct(s['fake_rate'])} | {_pct(s['win_rate'])} | {_f(p, 3) if p is not None else '–'} | "
-            f"{spend.get(m, 0)} | {s.get('calls_per_query', '–')} |"
+            f"{spend.get(m, '–')} | {s.get('calls_per_query', '–')} |"
         )
     fr = summary.get("friedman", {})
     if fr.get("statistic") is not None:
