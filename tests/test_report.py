@@ -152,7 +152,9 @@ def write_synthetic_run(path: Path, *, finished: bool = True) -> Path:
                 rd.append("candidates.jsonl", {
                     "key": f"verdict|{t}|{c}", "kind": "verdict", "round": t, "index": c,
                     "raw": raw, "text": text.strip(), "finish_reason": "stop", "kept": kept,
-                    "reason": reason, "instruction_hash": instruction_hash(text.strip()) if kept else None})
+                    "reason": reason, "instruction_hash": instruction_hash(text.strip()) if kept else None,
+                    "source": "grounded" if (t, c) == (2, 1) else "optimizer",
+                    "note": "cut 1 sentence(s) with meta-prompt phrase 'honoured least'" if (t, c) == (1, 0) else ""})
             scored = [current] + [p.strip() for p, (kept, _) in zip(proposals, verdicts) if kept]
             for e in scored:
                 score = {SEED: -1.25, FINAL: -0.75 if t == 1 else -0.5, OTHER: -0.875}[e]
@@ -291,6 +293,9 @@ def test_numbers_come_from_the_run(report):
     assert cand[5][:3] == ["current", FINAL, "chosen"]
     assert cand[6][2].startswith("discarded") and "near_duplicate" in cand[6][2]
     assert cand[7][2] == "competed" and cand[7][3] == "−0.875"
+    # value-grounded candidates are labelled, and a salvaged proposal says what was cut
+    assert cand[7][0] == "#2 grounded" and cand[2][0] == "#1"
+    assert "cut 1 sentence(s) with meta-prompt phrase" in cand[2][2]
     # accounting per role and the total
     acc = {r[0]: r for r in table_rows(html, "accounting-table")}
     assert acc["target"][1:5] == ["61", "5", "4,321", "987"]

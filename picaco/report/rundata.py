@@ -312,8 +312,9 @@ def candidate_history(run: RunData) -> list[CandidateRow]:
             vhash = v.get("instruction_hash")
             status = ("chosen" if rec and rec.get("changed") and vhash == chosen_hash
                       else "discarded" if not v.get("kept") else "competed" if rec else "pending")
-            rows.append(CandidateRow(t, f"#{int(v['index']) + 1}", v.get("text") or v.get("raw", ""),
-                                     status, v.get("reason", ""),
+            label = f"#{int(v['index']) + 1}" + (" grounded" if v.get("source") == "grounded" else "")
+            rows.append(CandidateRow(t, label, v.get("text") or v.get("raw", ""),
+                                     status, v.get("reason") or v.get("note") or "",
                                      scores.get((t, vhash)) if vhash else None, v.get("raw", "")))
         for p in sorted(proposals.get(t, []), key=lambda p: int(p["index"])):
             if int(p["index"]) not in judged:  # proposed, not yet checked (the run stopped here)
