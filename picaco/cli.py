@@ -318,8 +318,10 @@ def _evaluation_progress(quiet: bool, as_json: bool):
     progress = EvaluationProgress("json" if as_json else "quiet" if quiet else "rich")
     try:
         yield progress
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(failed=True)
+        raise
+    progress.close()
 
 
 def _print_evaluation(result, as_json: bool) -> None:

@@ -217,7 +217,8 @@ def test_persistent_fault_stops_cleanly_and_the_same_command_resumes(stack, tmp_
     failed = _evaluate(config, tmp_path / "eval", tmp_path / "cache")
     broken = proxy.snapshot()
     assert failed.returncode == 3, failed.stderr[-3000:]
-    lines = failed.stderr.strip().splitlines()
+    # --json: progress events are JSON lines on stderr; besides them, one error line
+    lines = [line for line in failed.stderr.strip().splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and lines[0].startswith("error: "), failed.stderr[-3000:]
     assert "after 3 attempts" in lines[0] and "HTTP 503" in lines[0] and "Traceback" not in failed.stderr
     assert (tmp_path / "eval").is_dir()

@@ -235,7 +235,10 @@ class EvaluationProgress:
                 self._tasks[method] = self._bar.add_task(method, total=total)
             self._bar.update(self._tasks[method], completed=done, total=total)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop the bars; after a failure they are removed, so the error stays the only line."""
         if self._bar is not None:
+            if failed:
+                self._bar.live.transient = True
             self._bar.stop()
             self._bar = None
