@@ -705,6 +705,10 @@ def test_a_copied_meta_prompt_sentence_is_cut_and_the_rest_kept():
     only = proposer.check_candidates([("Honoured least so far: Depth.", "stop")], current="Be good.",
                                      max_chars=500)
     assert not only[0].kept and only[0].reason.startswith("leak")
+    # a bulleted instruction keeps its lines
+    bullets = "Answer well:\n- Be accurate. Honoured least so far: Depth.\n- Be clear and brief."
+    (b,) = proposer.check_candidates([(bullets, "stop")], current="Be good.", max_chars=500)
+    assert b.kept and b.text == "Answer well:\n- Be accurate.\n- Be clear and brief."
     marker = "Be clear and kind to everyone.\nQuestion: what now?"
     (m,) = proposer.check_candidates([(marker, "stop")], current="Be good.", max_chars=500)
     assert not m.kept and m.reason == "leak: example marker 'Question:/Answer:'"

@@ -236,22 +236,29 @@ def find_leak(candidate: str, examples: Sequence[Example] = ()) -> str | None:
     return None
 
 
-#: leak patterns whose sentence can be cut out (a copied phrase); the others discard the candidate
-_SALVAGEABLE = 6
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+#: leaks that are a copied phrase, whose sentence can be cut out; the others discard the candidate
+SALVAGEABLE = frozenset(label for label, _ in LEAK_PATTERNS
+                        if label.startswith(("meta-prompt phrase", "optimizer word")))
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def salvage(text: str) -> tuple[str, int]:
-    """The text without the sentences that carry a meta-prompt phrase, and how many were cut.
+    """The text without the sentences that carry a copied meta-prompt phrase, and how many were cut.
+    Line breaks (a bulleted instruction) are kept.
 
     Small optimizer models often copy one line of their prompt ("Honoured least so far: Clarity.")
     into an otherwise usable instruction; cutting that sentence keeps the rest (measured on the cpu
     preset with the 1.5B optimizer: most round-1 proposals were lost to this one phrase).
     """
-    sentences = [x for x in _SENTENCE.split(text) if x.strip()]
-    patterns = [pattern for _, pattern in LEAK_PATTERNS[:_SALVAGEABLE]]
-    kept = [x for x in sentences if not any(p.search(x) for p in patterns)]
-    return " ".join(x.strip() for x in kept), len(sentences) - len(kept)
+    patterns = [pattern for label, pattern in LEAK_PATTERNS if label in SALVAGEABLE]
+    lines, cut = [], 0
+    for line in text.splitlines():
+        sentences = [x.strip() for x in _SENTENCE_END.split(line) if x.strip()]
+        kept = [x for x in sentences if not any(p.search(x) for p in patterns)]
+        cut += len(sentences) - len(kept)
+        if kept:
+            lines.append(" ".join(kept))
+    return "\n".join(lines), cut
 
 
 def check_candidates(
@@ -269,17 +276,17 @@ def check_candidates(
         text = parse_candidate(raw)
         reason = note = ""
         leak = find_leak(text, examples)
-        if leak is not None and any(leak == label for label, _ in LEAK_PATTERNS[:_SALVAGEABLE]):
+        if leak in SALVAGEABLE:
             cut, n_cut = salvage(text)
             if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, examples) is None:
-                text, note = cut, f"cut {n_cut} sentence(s) with {leak}"
+                text, note, leak = cut, f"cut {n_cut} sentence(s) with {leak}", None
         if finish == "length":
             reason = "truncated"
         elif len(text) < MIN_CHARS or not re.search(r"[A-Za-z]", text):
             reason = "empty"
         elif len(text) > max_chars:
             reason = "too_long"
-        elif (leak := find_leak(text, examples)) is not None:
+        elif leak is not None:
             reason = f"leak: {leak}"
         elif normalize(text) == normalize(current):
             reason = "unchanged"
