@@ -133,6 +133,7 @@ class KillLog:
     delays: list[float] = field(default_factory=list)
     records_at_kill: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    total: int = 0  # records of the uninterrupted run
 
 
 def run_to_completion(argv: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -183,7 +184,7 @@ def kill_and_rerun(argv: list[str], env: dict, cwd: Path, *, kills: int, total: 
     rng = random.Random(seed)
     targets = sorted(rng.randint(0, total) for _ in range(kills))
     watch = RecordWatch(roots)
-    log = KillLog()
+    log = KillLog(total=total)
     start = time.monotonic()
     for target in targets:
         extra = rng.uniform(0.0, 0.4)
@@ -191,7 +192,8 @@ def kill_and_rerun(argv: list[str], env: dict, cwd: Path, *, kills: int, total: 
         code, stderr = start_and_kill(argv, env, cwd, roots, target, total, extra)
         if code not in (0, -signal.SIGKILL):
             pytest.fail(f"rerun refused or failed (exit {code}): {stderr[-2000:]}")
-        log.records_at_kill.append(watch.check())
+        watch.check()
+        log.records_at_kill.append(records_on_disk(roots))  # comparable with `total`
         sqlite_ok(cache_db)
         if code == 0:
             break  # it finished first: the rerun below only replays
@@ -204,6 +206,16 @@ def kill_and_rerun(argv: list[str], env: dict, cwd: Path, *, kills: int, total: 
     assert json.loads(info.stdout)["entries"] > 0
     log.seconds = round(time.monotonic() - start, 1)
     return log
+
+
+def assert_kills_landed(log: KillLog, planned: int) -> None:
+    """Guard against a vacuous series. A late kill's extra delay can outlast the rest of a fast
+    (cached) run, which then finishes first and ends the series early (seen in CI: 6 of 15 landed,
+    all mid-work), so a third of the planned kills must land, at least three of them while records
+    were still being written, not only in the final writes."""
+    assert log.kills >= planned // 3, log
+    mid_work = [n for n in log.records_at_kill[: log.kills] if n < log.total]
+    assert len(mid_work) >= min(3, planned), log
 
 
 # -- comparing with an uninterrupted run ---------------------------------------------------------
@@ -293,9 +305,7 @@ def test_optimize_survives_repeated_sigkill(tmp_path, fake_config):
         tmp_path, kills=KILLS, total=records_on_disk([want]), seed=1, roots=[got],
         cache_db=tmp_path / "cache" / "calls.sqlite",
     )
-    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
-    # first and ends the series early; at least half the planned kills must land
-    assert log.kills >= KILLS // 2
+    assert_kills_landed(log, KILLS)
     events = [json.loads(line)["event"] for line in complete_lines(got / "events.jsonl")]
     assert events.count("resume") >= 1 and events[-1] == "end"
     assert_same_run(got, want)
@@ -317,9 +327,7 @@ def test_evaluate_survives_repeated_sigkill(tmp_path, fake_config):
     log = kill_and_rerun(argv(got), picaco_env(tmp_path / "cache-eval"), tmp_path, kills=KILLS,
                          total=records_on_disk([want]), seed=2, roots=[got],
                          cache_db=tmp_path / "cache-eval" / "calls.sqlite")
-    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
-    # first and ends the series early; at least half the planned kills must land
-    assert log.kills >= KILLS // 2
+    assert_kills_landed(log, KILLS)
     assert_same_evaluation(got, want)
     report("evaluate", log, True)
 
@@ -334,9 +342,7 @@ def test_compare_survives_repeated_sigkill(tmp_path, fake_config):
     log = kill_and_rerun(argv(got), picaco_env(tmp_path / "cache"), tmp_path, kills=KILLS,
                          total=records_on_disk([want]), seed=3, roots=[got],
                          cache_db=tmp_path / "cache" / "calls.sqlite")
-    # a late kill's extra delay can outlast the rest of a fast (cached) run, which then finishes
-    # first and ends the series early; at least half the planned kills must land
-    assert log.kills >= KILLS // 2
+    assert_kills_landed(log, KILLS)
     assert_same_run(got / "picaco-run", want / "picaco-run")
     assert_same_evaluation(got / "eval", want / "eval", roots=(got, want))
     report("compare", log, True)
