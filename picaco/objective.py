@@ -4,6 +4,9 @@ Per response (METHOD.md section 2)::
 
     f(x, y) = beta * sum_k w_k * log q_w(v_k | x, y)  -  log q_phi(s | x, y)
 
+optionally with part of the sum moved onto the weakest value (`balance`, see
+`balanced_log_conformity`; 0 is the paper's f).
+
 Per instruction e, the estimate of the total-correlation lower bound on sampled responses::
 
     TC(e) = mean_x [ beta * mean_y sum_k w_k log q_w  -  mean_y log q_phi(e)  +  mean_ybare log q_phi(bare) ]
@@ -69,17 +72,39 @@ def weighted_log_conformity(
     return Conformity(w_total * mean, unscored)
 
 
+def balanced_log_conformity(
+    probs: Mapping[str, float | None], weights: Mapping[str, float], balance: float
+) -> float | None:
+    """W * [(1 - balance) * weighted mean of log q_k  +  balance * min_k log q_k], over scored values.
+
+    balance = 0 is the paper's weighted sum (equal to `weighted_log_conformity`); balance = 1 counts only
+    the value the response honours least (max-min). In between, a response that honours three values
+    and drops the fourth scores lower than one with the same sum spread evenly. None when nothing is
+    scored.
+    """
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"balance must be in [0, 1], got {balance!r}")
+    conf = weighted_log_conformity(probs, weights)
+    if conf.value is None or balance == 0.0:
+        return conf.value
+    w_total = sum(weights.values())
+    weakest = min(log_prob(float(probs[k])) for k in weights if probs.get(k) is not None)
+    return (1.0 - balance) * conf.value + balance * w_total * weakest
+
+
 def response_score(
     probs: Mapping[str, float | None],
     weights: Mapping[str, float],
     log_qphi: float,
     beta: float,
+    balance: float = 0.0,
 ) -> float | None:
-    """f(x, y); None when the judge scored none of the values."""
-    conf = weighted_log_conformity(probs, weights)
-    if conf.value is None:
+    """f(x, y); None when the judge scored none of the values. `balance` as in
+    `balanced_log_conformity` (0 = the paper's f)."""
+    conformity = balanced_log_conformity(probs, weights, balance)
+    if conformity is None:
         return None
-    return beta * conf.value - log_qphi
+    return beta * conformity - log_qphi
 
 
 def relative_redundancy(log_qphi_instructed: Sequence[float], log_qphi_bare: Sequence[float]) -> float:

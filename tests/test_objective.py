@@ -44,6 +44,35 @@ def test_response_score():
     assert f == pytest.approx(-3.8022081394)
 
 
+def test_balance_moves_part_of_the_sum_onto_the_weakest_value():
+    probs, w = {"a": 0.8, "b": 0.2}, {"a": 1.0, "b": 1.0}
+    # weighted sum: ln .8 + ln .2 = -0.223144 - 1.609438 = -1.832581; weakest: 2 * ln .2 = -3.218876
+    assert obj.balanced_log_conformity(probs, w, 0.0) == pytest.approx(-1.8325814637)
+    assert obj.balanced_log_conformity(probs, w, 1.0) == pytest.approx(-3.2188758249)
+    # half and half: 0.5 * -1.832581 + 0.5 * -3.218876
+    assert obj.balanced_log_conformity(probs, w, 0.5) == pytest.approx(-2.5257286443)
+    # f with balance 0.5, beta 2, log q_phi ln 0.7: 2 * -2.525729 + 0.356675
+    f = obj.response_score(probs, w, LN(0.7), beta=2.0, balance=0.5)
+    assert f == pytest.approx(-4.6947823447)
+    assert obj.response_score(probs, w, LN(0.7), beta=2.0) == pytest.approx(2 * -1.8325814637 + 0.3566749439)
+
+
+def test_balance_prefers_the_even_response_with_the_same_sum():
+    # ln .4 + ln .4 = -1.832581 = ln .8 + ln .2: equal under the paper's f, not under balance
+    w = {"a": 1.0, "b": 1.0}
+    even, lopsided = {"a": 0.4, "b": 0.4}, {"a": 0.8, "b": 0.2}
+    assert obj.response_score(even, w, 0.0, 1.0) == pytest.approx(obj.response_score(lopsided, w, 0.0, 1.0))
+    assert obj.response_score(even, w, 0.0, 1.0, balance=0.3) > obj.response_score(lopsided, w, 0.0, 1.0, balance=0.3)
+
+
+def test_balance_takes_the_weakest_of_the_scored_values_and_is_bounded():
+    # b unscored: imputed in the sum (3 * ln .5 with weights 1, 2), the weakest is a's ln .5: W * ln .5
+    assert obj.balanced_log_conformity({"a": 0.5, "b": None}, {"a": 1.0, "b": 2.0}, 1.0) == pytest.approx(3 * LN(0.5))
+    assert obj.balanced_log_conformity({"a": None}, {"a": 1.0}, 0.5) is None
+    with pytest.raises(ValueError):
+        obj.balanced_log_conformity({"a": 0.5}, {"a": 1.0}, 1.5)
+
+
 def test_log_prob_is_clipped_not_infinite():
     assert obj.log_prob(0.0) == pytest.approx(LN(1e-4))  # -9.210340
     assert obj.log_prob(1.5) == 0.0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from picaco import objective as obj
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError, DataError
 from picaco.judge.base import ValueScore
@@ -29,6 +30,7 @@ from picaco.optimize import (
     select_mode,
 )
 from picaco.optimize import proposer
+from picaco.optimize.engine import fingerprint_params
 from picaco.optimize.params import preset
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.rundir import RunDir
@@ -932,3 +934,27 @@ def test_accounting_counts_only_this_run(tmp_path):
     acc = json.loads((tmp_path / "accounting.json").read_text())
     assert acc["total"]["calls"] == result.calls
     assert acc["target"]["prompt_tokens"] == s.accounting.role("target").prompt_tokens - 100
+
+
+def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
+    s = Setup()
+    s.run(tmp_path / "balanced", SMALL.model_copy(update={"balance": 0.5, "rounds": 1}))
+    weights = VALUES.weights()
+    checked = 0
+    for r in _records(tmp_path / "balanced", "responses.jsonl"):
+        if r["f"] is None:
+            continue
+        probs = {k: v["prob"] for k, v in r["scores"].items()}
+        # log_conformity stays the paper's sum (the TC bound uses it); f carries the balance term
+        assert r["log_conformity"] == pytest.approx(obj.weighted_log_conformity(probs, weights).value)
+        want = obj.response_score(probs, weights, r["log_qphi"], SMALL.beta, balance=0.5)
+        assert r["f"] == pytest.approx(want)
+        if len({round(p, 6) for p in probs.values() if p is not None}) > 1:
+            assert r["f"] < SMALL.beta * r["log_conformity"] - r["log_qphi"]
+            checked += 1
+    assert checked > 0
+    # balance 0 computes what runs computed before the field existed: their fingerprints still match
+    fp = json.loads((tmp_path / "balanced" / "config.json").read_text())["fingerprint"]["params"]
+    assert fp["balance"] == 0.5
+    assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
+        k: v for k, v in SMALL.model_dump(mode="json").items() if k != "balance"}

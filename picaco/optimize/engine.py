@@ -118,6 +118,16 @@ async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
     return _cost_json(cost)
 
 
+#: parameters added after run directories existed, with the value that computes what runs did before
+#: them: at that value they are left out of the fingerprint, so older run directories still resume
+NEUTRAL_LATER_PARAMS = {"balance": 0.0}
+
+
+def fingerprint_params(params: OptimizeParams) -> dict:
+    dump = params.model_dump(mode="json")
+    return {k: v for k, v in dump.items() if not (k in NEUTRAL_LATER_PARAMS and v == NEUTRAL_LATER_PARAMS[k])}
+
+
 def derive_seed(*parts: object) -> int:
     """A sampling seed that depends only on its parts (run seed, phase, round, query, sample)."""
     blob = json.dumps([str(p) for p in parts]).encode()
@@ -309,7 +319,7 @@ class Engine:
     def fingerprint(self) -> dict:
         qblob = json.dumps([[q.id, q.text] for q in self.queries], ensure_ascii=False).encode()
         return {
-            "params": self.params.model_dump(mode="json"),
+            "params": fingerprint_params(self.params),
             "mode": self.mode,
             "value_set": {"name": self.value_set.name, "fingerprint": self.value_set.fingerprint()},
             "queries": {"n": len(self.queries), "sha256": hashlib.sha256(qblob).hexdigest()},
@@ -521,7 +531,8 @@ class Engine:
         )
         f = None
         if judge and conf.value is not None and log_qphi is not None:
-            f = self.params.beta * conf.value - log_qphi
+            f = objective.response_score({k: v["prob"] for k, v in scores.items()}, self.weights,
+                                         log_qphi, self.params.beta, self.params.balance)
         return {
             "key": key, "phase": phase, "round": round, "instruction_hash": ihash,
             "query_id": query_id, "sample": sample, "seed": seed,

@@ -69,6 +69,11 @@ class OptimizeParams(BaseModel):
     )
     rounds: int = Field(10, ge=0, description="T: rounds")
     beta: float = Field(1.0, gt=0, description="weight of conformity against redundancy in f")
+    balance: float = Field(
+        0.0, ge=0, le=1,
+        description="share of the conformity term of f given to the weakest value of each response "
+                    "(0 = the paper's weighted sum, 1 = max-min)",
+    )
     lam: float = Field(
         1.0, ge=0,
         description="lambda: penalty on preference mass on the noisy pool",
