@@ -958,3 +958,48 @@ def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
     assert fp["balance"] == 0.5
     assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
         k: v for k, v in SMALL.model_dump(mode="json").items() if k != "balance"}
+
+
+class WordJudge(FakeJudge):
+    """q_w from a marker word in the response, the same for every value."""
+
+    PROBS = {"GOOD": 0.9, "MEDIUM": 0.5, "BAD": 0.2, "TERRIBLE": 0.02}
+
+    async def score(self, value_set, items):
+        out = []
+        for _, response in items:
+            p = next(prob for word, prob in self.PROBS.items() if word in response)
+            out.append({v.id: ValueScore.from_prob(v.id, p) for v in value_set.values})
+        return out
+
+
+def test_sampling_mode_final_choice_ignores_the_samples_that_chose_an_instruction(tmp_path):
+    # The seed answers BAD, "Solid" MEDIUM everywhere. "Lucky", proposed in round 2, answers GOOD on
+    # exactly round 2's seeds and TERRIBLE on any other: it wins round 2 on the samples that chose it.
+    # Its fresh samples show the truth, and the run must return Solid, not Lucky and not the seed.
+    from picaco.optimize.engine import derive_seed
+    seed, solid, lucky = "Seed: be good.", "Solid: be steady.", "Lucky: be bold."
+    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 2})
+    round2 = {derive_seed(params.seed, "sample", 2, q.id, j)
+              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+
+    def target(request: GenerateRequest) -> str:
+        system = request.messages[0].content if request.messages[0].role == "system" else ""
+        if system == lucky:
+            return "GOOD answer" if request.seed in round2 else "TERRIBLE answer"
+        return {solid: "MEDIUM answer", seed: "BAD answer"}.get(system, "BAD answer")
+
+    def optimizer(request: GenerateRequest) -> str:
+        current = request.messages[1].content.split('"""')[1].strip()
+        return solid if current == seed else lucky
+
+    s = Setup()
+    s.target_backend.responder, s.optimizer_backend.responder = target, optimizer
+    s.judge = WordJudge()
+    result = s.run(tmp_path, params, seed_instruction=seed)
+    rounds = _records(tmp_path, "rounds.jsonl")
+    assert [r["instruction"] for r in rounds] == [solid, lucky]  # Lucky did win its round
+    assert result.instruction == solid and result.selected_round == 1
+    # mean f: beta * W * ln q - ln q_phi (W = total value weight 4), the same q_phi for all
+    assert result.objective_final - result.objective_seed == pytest.approx(
+        sum(VALUES.weights().values()) * (math.log(0.5) - math.log(0.2)))

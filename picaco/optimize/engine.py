@@ -750,10 +750,14 @@ class Engine:
         rounds_completed = 0
         unchanged = 0
         round1: list[Scored] = []
+        # each trajectory instruction's samples drawn *after* it was chosen (as the incumbent of a
+        # round): unbiased by the selection that chose it, unlike its score as a candidate
+        fresh: dict[str, list[Scored]] = {}
         try:
             await self._phase("bare", 0, self.bare_phase)
             for t in range(1, p.rounds + 1):
                 sampled = await self._phase("enhance", t, lambda t=t: self.enhance(t, current))
+                fresh.setdefault(current, []).extend(sampled)
                 if t == 1:
                     round1 = sampled
                 verdicts = await self._phase(
@@ -773,7 +777,8 @@ class Engine:
         except BudgetExhausted as e:
             stop_reason, stop_detail = "budget", str(e)
             self._event("stop", reason="budget", detail=str(e))
-        result = await self.finish(trajectory, round1, stop_reason, stop_detail, rounds_completed)
+        result = await self.finish(trajectory, round1, stop_reason, stop_detail, rounds_completed,
+                                   fresh)
         self.emit("run_end", **self._end_data(result))
         return result
 
@@ -809,7 +814,8 @@ class Engine:
                   sampled_means=sampled_means, instruction=chosen, changed=record["changed"])
 
     async def finish(self, trajectory: list[str], round1: list[Scored], stop_reason: str,
-                     stop_detail: str, rounds_completed: int) -> OptimizeResult:
+                     stop_detail: str, rounds_completed: int,
+                     fresh: dict[str, list[Scored]] | None = None) -> OptimizeResult:
         final = trajectory[-1]
         selected = len(trajectory) - 1
         objective_seed = objective_final = None
@@ -821,7 +827,7 @@ class Engine:
         try:
             if self.pools_version >= 1:
                 selected, objective_seed, objective_final = await self._phase(
-                    "final", None, lambda: self._select_final(trajectory, round1))
+                    "final", None, lambda: self._select_final(trajectory, round1, fresh or {}))
                 final = trajectory[selected]
             if round1:
                 # the final instruction is sampled on the round-1 seeds, so it is compared with
@@ -881,23 +887,30 @@ class Engine:
         self._write_outputs(result)
         return result
 
-    async def _select_final(self, trajectory: list[str], round1: list[Scored]):
+    async def _select_final(self, trajectory: list[str], round1: list[Scored],
+                            fresh: dict[str, list[Scored]]):
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
-        Sampling mode: mean f over all queries on the round-1 seeds, seed against the last one.
-        Ties go to the later instruction. Returns (index, seed objective, selected objective).
+        Sampling mode: mean f of each distinct trajectory instruction's samples drawn after it was
+        chosen (its rounds as the incumbent, all queries; the last one is sampled once more on the
+        round-1 seeds), never of the samples that chose it: a round's winner is the maximum of
+        several noisy scores and overrated by them. Ties go to the later instruction.
+        Returns (index, seed objective, selected objective).
         """
         if self.mode == "sampling":
             last = len(trajectory) - 1
-            seed_score = sampling_score(round1).score
-            if last == 0 or trajectory[last] == trajectory[0]:
+            seed_score = sampling_score(fresh.get(trajectory[0]) or round1).score
+            if last == 0 or all(e == trajectory[0] for e in trajectory):
                 return last, _finite(seed_score), _finite(seed_score)
             plan = [(q, self._round_seeds(1, q)) for q in self.queries]
-            final_score = sampling_score(await self._sample(
-                trajectory[last], plan, phase="final", round=last)).score
-            pick = last if final_score >= seed_score else 0
-            return pick, _finite(seed_score), _finite(max(seed_score, final_score))
+            final_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
+            pooled = {e: list(fresh.get(e, [])) for e in trajectory}
+            pooled[trajectory[last]] += final_samples
+            scores = {e: sampling_score(samples).score for e, samples in pooled.items() if samples}
+            pick = max((i for i, e in enumerate(trajectory) if e in scores),
+                       key=lambda i: (scores[trajectory[i]], i))
+            return pick, _finite(seed_score), _finite(scores[trajectory[pick]])
         scores: dict[str, float] = {}
         for i, e in enumerate(trajectory):
             if e not in scores:
