@@ -372,6 +372,7 @@ def compare(
     methods: str = typer.Option("Q,Q+IF,URIAL,MP,Modular,OPRO,PICACO", help="Comma-separated methods; PICACO is optimized first."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (the PICACO run goes in OUT/picaco-run)."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
@@ -387,7 +388,8 @@ def compare(
     from picaco.evaluate import evaluate_config_sync
     from picaco.optimize.progress import make_progress
 
-    cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
+    cfg = _config_from_flags(config, {"values": values, "preset": preset,
+                                      "cache": False if no_cache else None}, sets)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     instructions: dict[str, Path] = {}
     if "PICACO" in names:
@@ -408,10 +410,11 @@ study_app = typer.Typer(help="The paper's studies: scaling the number of values,
 app.add_typer(study_app, name="study")
 
 
-def _study_common(config, values, methods, instruction, sets, no_cache):
+def _study_common(config, values, preset, methods, instruction, sets, no_cache):
     if values is None and config is None:
         values = "hh-balance-8"  # the paper's studies; a config file's own value set is kept
-    cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
+    cfg = _config_from_flags(config, {"values": values, "preset": preset,
+                                      "cache": False if no_cache else None}, sets)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     return cfg, names, _parse_instructions(instruction)
 
@@ -434,6 +437,7 @@ def study_scaling(
     groups: str = typer.Option("helpfulness-4,harmlessness-4", help="Value sets whose members are balanced in every subset."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory; rerun to resume."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
@@ -446,7 +450,7 @@ def study_scaling(
     from picaco.evaluate.studies import scaling_study
     from picaco.optimize.progress import make_progress
 
-    cfg, names, instructions = _study_common(config, values, methods, instruction, sets, no_cache)
+    cfg, names, instructions = _study_common(config, values, preset, methods, instruction, sets, no_cache)
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
     except ValueError:
@@ -469,6 +473,7 @@ def study_jailbreak(
     threshold: float = typer.Option(2.0, help="A harmlessness rating at or below this makes a response harmful."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory; rerun to resume."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N harmful and N benign test queries."),
+    preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
@@ -481,7 +486,7 @@ def study_jailbreak(
     from picaco.evaluate.studies import jailbreak_study
     from picaco.optimize.progress import make_progress
 
-    cfg, names, instructions = _study_common(config, values, methods, instruction, sets, no_cache)
+    cfg, names, instructions = _study_common(config, values, preset, methods, instruction, sets, no_cache)
     summary = jailbreak_study(
         cfg, names, out_dir, instructions=instructions, templates_path=templates, threshold=threshold,
         n_queries=n_queries, progress=make_progress("json" if as_json else "quiet" if quiet else "rich"),

@@ -539,6 +539,8 @@ CLI_CASES = [
     (["optimize", "--target-model", "notgguf.gguf", "-o", "RUN"], ["target.model", "not a GGUF"]),
     (["evaluate", "-m", "Q", "--values", "dupvalues.yaml", "-o", "RUN"], ["duplicate value ids"]),
     (["evaluate", "-m", "Q", "--set", "queries=broken.jsonl", "-o", "RUN"], ["broken.jsonl:2"]),
+    (["compare", "--preset", "huge", "--methods", "Q,PICACO", "-o", "RUN"], ["preset", "'cpu'"]),
+    (["study", "jailbreak", "--preset", "huge", "-o", "RUN"], ["preset", "'paper'"]),
     (["values", "show", "dupvalues.yaml"], ["duplicate value ids"]),
     (["values", "show", "binary.yaml"], ["not UTF-8"]),
 ]
