@@ -881,6 +881,8 @@ def test_progress_sinks_show_the_run(tmp_path):
     assert "refinement mode: likelihood" in text
     assert "Caution" in text and "best pools" in text  # the per-value table
     assert f"done: {result.stop_reason} after 1 round(s)" in text
+    # the closing phases sample under round index 2; the display stays at the last round that ran
+    assert "1/1" in text and "2/1" not in text
 
     stream = io.StringIO()
     s2 = Setup()

@@ -163,7 +163,9 @@ class RichProgress:
                               refresh_per_second=self.refresh_per_second, transient=False)
             self._live.start()
         elif event.kind in ("phase_start", "advance", "phase_end"):
-            if event.round is not None:
+            # the closing phases sample under a round index past the last ("3/2"): the display
+            # keeps the last round that ran
+            if event.round is not None and event.phase not in ("final", "report"):
                 s["round"] = event.round
             s["phase"] = event.phase or ""
             s["done"], s["total"] = event.done, event.total
