@@ -9,6 +9,7 @@ number comes from the summaries, so the table is exactly what the commands produ
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import sys
@@ -99,11 +100,13 @@ def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    for d in argv:
-        print(set_table(Path(d)))
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("compare_dirs", nargs="+", type=Path, help="`picaco compare -o` directories")
+    args = parser.parse_args(argv)
+    for d in args.compare_dirs:
+        if not (d / "eval" / "summary.json").is_file():
+            parser.error(f"{d}: no eval/summary.json (not a finished `picaco compare` directory)")
+        print(set_table(d))
     return 0
 
 
