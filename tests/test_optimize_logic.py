@@ -369,7 +369,7 @@ def test_meta_prompt_lists_weakest_values_first_and_stays_short():
     assert "Honoured least so far: Honesty, Care." in user
     assert "at most 100 words" in user
     assert len(user.split()) < 250
-    # the default seed instruction (Q+IF) lists every value and passes the leak check
+    # the default seed instruction lists every value by title and passes the leak check
     seed = proposer.default_seed_instruction(VALUES)
     assert "Care, Honesty and Caution" in seed
     assert proposer.find_leak(seed) is None
