@@ -567,6 +567,11 @@ class Engine:
         return [derive_seed(self.params.seed, "sample", round, query.id, j)
                 for j in range(self.params.samples_per_query)]
 
+    def _final_seeds(self, query: Query) -> list[int]:
+        """Seeds of the final check in sampling mode, used by no round."""
+        return [derive_seed(self.params.seed, "final", query.id, j)
+                for j in range(self.params.samples_per_query)]
+
     # -- phases ----------------------------------------------------------------------------------
     async def _phase(self, name: str, round: int | None, body: Callable[[], Awaitable]):
         self._event("phase_start", phase=name, round=round)
@@ -750,14 +755,10 @@ class Engine:
         rounds_completed = 0
         unchanged = 0
         round1: list[Scored] = []
-        # each trajectory instruction's samples drawn *after* it was chosen (as the incumbent of a
-        # round): unbiased by the selection that chose it, unlike its score as a candidate
-        fresh: dict[str, list[Scored]] = {}
         try:
             await self._phase("bare", 0, self.bare_phase)
             for t in range(1, p.rounds + 1):
                 sampled = await self._phase("enhance", t, lambda t=t: self.enhance(t, current))
-                fresh.setdefault(current, []).extend(sampled)
                 if t == 1:
                     round1 = sampled
                 verdicts = await self._phase(
@@ -777,8 +778,7 @@ class Engine:
         except BudgetExhausted as e:
             stop_reason, stop_detail = "budget", str(e)
             self._event("stop", reason="budget", detail=str(e))
-        result = await self.finish(trajectory, round1, stop_reason, stop_detail, rounds_completed,
-                                   fresh)
+        result = await self.finish(trajectory, round1, stop_reason, stop_detail, rounds_completed)
         self.emit("run_end", **self._end_data(result))
         return result
 
@@ -814,8 +814,7 @@ class Engine:
                   sampled_means=sampled_means, instruction=chosen, changed=record["changed"])
 
     async def finish(self, trajectory: list[str], round1: list[Scored], stop_reason: str,
-                     stop_detail: str, rounds_completed: int,
-                     fresh: dict[str, list[Scored]] | None = None) -> OptimizeResult:
+                     stop_detail: str, rounds_completed: int) -> OptimizeResult:
         final = trajectory[-1]
         selected = len(trajectory) - 1
         objective_seed = objective_final = None
@@ -827,7 +826,7 @@ class Engine:
         try:
             if self.pools_version >= 1:
                 selected, objective_seed, objective_final = await self._phase(
-                    "final", None, lambda: self._select_final(trajectory, round1, fresh or {}))
+                    "final", None, lambda: self._select_final(trajectory, round1))
                 final = trajectory[selected]
             if round1:
                 # the final instruction is sampled on the round-1 seeds, so it is compared with
@@ -887,30 +886,30 @@ class Engine:
         self._write_outputs(result)
         return result
 
-    async def _select_final(self, trajectory: list[str], round1: list[Scored],
-                            fresh: dict[str, list[Scored]]):
+    async def _select_final(self, trajectory: list[str], round1: list[Scored]):
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
-        Sampling mode: mean f of each distinct trajectory instruction's samples drawn after it was
-        chosen (its rounds as the incumbent, all queries; the last one is sampled once more on the
-        round-1 seeds), never of the samples that chose it: a round's winner is the maximum of
-        several noisy scores and overrated by them. Ties go to the later instruction.
-        Returns (index, seed objective, selected objective).
+        Sampling mode: mean f of every distinct trajectory instruction, the seed included, on one
+        set of seeds that no selection used (all queries; common random numbers across them). Not
+        the samples that chose an instruction: a round's winner is the best of several noisy means
+        and overrated by them. Not samples from different rounds either: the same instruction's
+        mean f moves by more between two rounds' seeds than between instructions.
+        Ties go to the later instruction. Returns (index, seed objective, selected objective).
         """
         if self.mode == "sampling":
             last = len(trajectory) - 1
-            seed_score = sampling_score(fresh.get(trajectory[0]) or round1).score
             if last == 0 or all(e == trajectory[0] for e in trajectory):
+                seed_score = sampling_score(round1).score
                 return last, _finite(seed_score), _finite(seed_score)
-            plan = [(q, self._round_seeds(1, q)) for q in self.queries]
-            final_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
-            pooled = {e: list(fresh.get(e, [])) for e in trajectory}
-            pooled[trajectory[last]] += final_samples
-            scores = {e: sampling_score(samples).score for e, samples in pooled.items() if samples}
-            pick = max((i for i, e in enumerate(trajectory) if e in scores),
-                       key=lambda i: (scores[trajectory[i]], i))
-            return pick, _finite(seed_score), _finite(scores[trajectory[pick]])
+            plan = [(q, self._final_seeds(q)) for q in self.queries]
+            scores: dict[str, float] = {}
+            distinct = list(dict.fromkeys(trajectory))
+            for i, e in enumerate(distinct):
+                scores[e] = sampling_score(await self._sample(e, plan, phase="final", round=last)).score
+                self.emit("advance", phase="final", done=i + 1, total=len(distinct))
+            pick = max(range(len(trajectory)), key=lambda i: (scores[trajectory[i]], i))
+            return pick, _finite(scores[trajectory[0]]), _finite(scores[trajectory[pick]])
         scores: dict[str, float] = {}
         for i, e in enumerate(trajectory):
             if e not in scores:
