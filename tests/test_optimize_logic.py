@@ -458,8 +458,7 @@ def test_estimate_counts_calls_per_role():
     assert est0.roles["target likelihood"].calls == 72  # (C+1)*N*pool = 24 per round, + 24 final
     samp = estimate(tiny, n_queries=2, n_values=3, mode="sampling", judge_calls_per_response=0)
     # bare 4 + rounds 4 + report 2 + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
-    # + the final check, at most T+1 = 3 distinct instructions on N*n = 2 fresh seeds each: 6
-    assert samp.roles["target generate"].calls == 36
+    assert samp.roles["target generate"].calls == 30
     assert "target likelihood" not in samp.roles
     assert "pre-flight estimate" in est.describe()
 
@@ -976,10 +975,13 @@ class WordJudge(FakeJudge):
         return out
 
 
-def test_sampling_mode_final_choice_ignores_the_samples_that_chose_an_instruction(tmp_path):
+def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(tmp_path):
     # The seed answers BAD, "Solid" MEDIUM everywhere. "Lucky", proposed in round 2, answers GOOD on
     # exactly round 2's seeds and TERRIBLE on any other: it wins round 2 on the samples that chose it.
-    # Its fresh samples show the truth, and the run must return Solid, not Lucky and not the seed.
+    # The final check samples the last instruction on the round-1 seeds, where Lucky loses to the
+    # seed, so the seed comes back. Solid, better than both, is not considered: the rule compares
+    # only e^0 and e^T (docs/method.md, "[decide] the final check in sampling mode", has the measured
+    # reason for not scoring every trajectory instruction).
     from picaco.optimize.engine import derive_seed
     seed, solid, lucky = "Seed: be good.", "Solid: be steady.", "Lucky: be bold."
     params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 2})
@@ -1002,7 +1004,8 @@ def test_sampling_mode_final_choice_ignores_the_samples_that_chose_an_instructio
     result = s.run(tmp_path, params, seed_instruction=seed)
     rounds = _records(tmp_path, "rounds.jsonl")
     assert [r["instruction"] for r in rounds] == [solid, lucky]  # Lucky did win its round
-    assert result.instruction == solid and result.selected_round == 1
-    # mean f: beta * W * ln q - ln q_phi (W = total value weight 4), the same q_phi for all
-    assert result.objective_final - result.objective_seed == pytest.approx(
-        sum(VALUES.weights().values()) * (math.log(0.5) - math.log(0.2)))
+    assert result.instruction == seed and result.selected_round == 0
+    finals = [r for r in _records(tmp_path, "responses.jsonl") if r["phase"] == "final"]
+    assert finals and {r["text"] for r in finals} == {"TERRIBLE answer"}
+    # the seed's round-1 mean f, beta * W * ln 0.2 - ln q_phi (W = total value weight 4), is kept
+    assert result.objective_final == result.objective_seed

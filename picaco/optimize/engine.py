@@ -567,11 +567,6 @@ class Engine:
         return [derive_seed(self.params.seed, "sample", round, query.id, j)
                 for j in range(self.params.samples_per_query)]
 
-    def _final_seeds(self, query: Query) -> list[int]:
-        """Seeds of the final check in sampling mode, used by no round."""
-        return [derive_seed(self.params.seed, "final", query.id, j)
-                for j in range(self.params.samples_per_query)]
-
     # -- phases ----------------------------------------------------------------------------------
     async def _phase(self, name: str, round: int | None, body: Callable[[], Awaitable]):
         self._event("phase_start", phase=name, round=round)
@@ -890,26 +885,19 @@ class Engine:
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
-        Sampling mode: mean f of every distinct trajectory instruction, the seed included, on one
-        set of seeds that no selection used (all queries; common random numbers across them). Not
-        the samples that chose an instruction: a round's winner is the best of several noisy means
-        and overrated by them. Not samples from different rounds either: the same instruction's
-        mean f moves by more between two rounds' seeds than between instructions.
+        Sampling mode: mean f over all queries on the round-1 seeds, seed against the last one.
         Ties go to the later instruction. Returns (index, seed objective, selected objective).
         """
         if self.mode == "sampling":
             last = len(trajectory) - 1
-            if last == 0 or all(e == trajectory[0] for e in trajectory):
-                seed_score = sampling_score(round1).score
+            seed_score = sampling_score(round1).score
+            if last == 0 or trajectory[last] == trajectory[0]:
                 return last, _finite(seed_score), _finite(seed_score)
-            plan = [(q, self._final_seeds(q)) for q in self.queries]
-            scores: dict[str, float] = {}
-            distinct = list(dict.fromkeys(trajectory))
-            for i, e in enumerate(distinct):
-                scores[e] = sampling_score(await self._sample(e, plan, phase="final", round=last)).score
-                self.emit("advance", phase="final", done=i + 1, total=len(distinct))
-            pick = max(range(len(trajectory)), key=lambda i: (scores[trajectory[i]], i))
-            return pick, _finite(scores[trajectory[0]]), _finite(scores[trajectory[pick]])
+            plan = [(q, self._round_seeds(1, q)) for q in self.queries]
+            final_score = sampling_score(await self._sample(
+                trajectory[last], plan, phase="final", round=last)).score
+            pick = last if final_score >= seed_score else 0
+            return pick, _finite(seed_score), _finite(max(seed_score, final_score))
         scores: dict[str, float] = {}
         for i, e in enumerate(trajectory):
             if e not in scores:

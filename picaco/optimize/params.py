@@ -215,15 +215,13 @@ def estimate(
     # the final instruction is sampled once more (on round-1 seeds) for the seed-vs-final report
     report = N * n
     sampling_per_round = scored * min(params.minibatch, N) * n if mode == "sampling" else 0
-    # sampling mode's final check: every distinct trajectory instruction (at most T+1) on its own seeds
-    final_check = (T + 1) * N * n if mode == "sampling" else 0
-    target_gen = bare + T * enhance + report + T * sampling_per_round + final_check
+    target_gen = bare + T * enhance + report + T * sampling_per_round
     # the current instruction and every candidate score each pooled response; at the end, every
     # instruction of the trajectory is scored again on the final pools
     lik_per_round = scored * N * pool if mode in ("likelihood", "proxy") else 0
     lik_final = (T + 1) * N * pool if mode in ("likelihood", "proxy") else 0
     lik_tokens = instr + query_tokens + params.max_new_tokens
-    judged = T * enhance + report + T * sampling_per_round + final_check
+    judged = T * enhance + report + T * sampling_per_round
     meta_tokens = 600 + 2 * params.instruction_max_chars // 4
     roles = {
         "target generate": RoleEstimate(target_gen, target_gen * gen_tokens),
