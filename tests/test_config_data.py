@@ -100,6 +100,13 @@ def test_bundled_sets_load_with_expected_members():
             assert v.definition and v.conforming and v.violating, (vs.name, v.id)
 
 
+def test_titles_listed_joins_with_commas_and_a_final_and():
+    four = load_value_set("harmlessness-4")
+    assert four.titles_listed() == "Harm avoidance, Respect, Fairness and Privacy"
+    assert four.subset(["respect", "privacy"]).titles_listed() == "Respect and Privacy"
+    assert four.subset(["privacy"]).titles_listed() == "Privacy"
+
+
 def test_user_set_extends_bundled_and_overrides_weight(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text(

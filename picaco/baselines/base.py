@@ -71,11 +71,6 @@ def value_list(value_set: ValueSet) -> str:
     return "\n".join(f"- {v.title}: {' '.join(v.definition.split())}" for v in value_set.values)
 
 
-def titles(value_set: ValueSet) -> str:
-    names = [v.title for v in value_set.values]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 async def generate_each(
     target: LLMClient,
     conversations: Sequence[tuple[Message, ...]],

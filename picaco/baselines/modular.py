@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from picaco.baselines.base import PromptMethod, generate_each, titles
+from picaco.baselines.base import PromptMethod, generate_each
 from picaco.llm.base import Message
 
 DRAFT_SYSTEM = (
@@ -39,7 +39,7 @@ class Modular(PromptMethod):
     kind = "modular_pluralism"
 
     def system_prompt(self, value_set) -> str:
-        return MERGE_SYSTEM.format(titles=titles(value_set))
+        return MERGE_SYSTEM.format(titles=value_set.titles_listed())
 
     def draft_prompt(self, value) -> str:
         return DRAFT_SYSTEM.format(title=value.title, definition=" ".join(value.definition.split()))

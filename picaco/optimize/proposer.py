@@ -342,9 +342,7 @@ def grounded_candidates(
 def default_seed_instruction(value_set: ValueSet) -> str:
     """e^0 when none is given: a short instruction that lists the values by title (shorter than the
     Q+IF baseline's prompt, which adds each value's definition)."""
-    titles = [v.title for v in value_set.values]
-    listed = titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
     return (
         "You are a helpful assistant. Answer the user's request directly and usefully, and let your "
-        f"answer honour these values: {listed}."
+        f"answer honour these values: {value_set.titles_listed()}."
     )

@@ -79,6 +79,11 @@ class ValueSet(BaseModel):
     def weights(self) -> dict[str, float]:
         return {v.id: v.weight for v in self.values}
 
+    def titles_listed(self) -> str:
+        """The titles as one phrase: "A", "A and B", "A, B and C"."""
+        names = [v.title for v in self.values]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
     def spec_text(self) -> str:
         """s in the method: the value specification the responses must not merely parrot."""
         return "\n".join(v.spec_text() for v in self.values)
