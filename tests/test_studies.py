@@ -16,7 +16,8 @@ from picaco.cli import app
 from picaco.data.queries import Query, load_queries
 from picaco.errors import ConfigError, DataError
 from picaco.evaluate.studies import (
-    HARM_THRESHOLD, balanced_subsets, harmful_rate, is_harmful, load_jailbreaks, split_harmful,
+    HARM_THRESHOLD, OFFLINE_HARM_WARNING, balanced_subsets, harmful_rate, is_harmful, judge_warnings,
+    load_jailbreaks, split_harmful,
     subset_value_set, value_groups, wrap, wrapped_queries, write_value_set,
 )
 from picaco.values import load_value_set
@@ -117,6 +118,13 @@ def test_harmful_rule_against_hand_computed_values():
     assert harmful_rate(rows[3:4], HARM)["rate"] is None
 
 
+def test_only_an_offline_evaluation_judge_is_warned_about():
+    # the offline judge measured at chance on hand-labeled harmful answers (bench/harm_detection.py)
+    assert judge_warnings({"kind": "offline", "half": 1}) == [OFFLINE_HARM_WARNING]
+    assert judge_warnings({"kind": "llm", "mode": "per_value"}) == []
+    assert judge_warnings(None) == []
+
+
 # -- both commands end to end (fake backend) ----------------------------------------------------------------
 
 FAKE_CONFIG = """
@@ -171,6 +179,7 @@ def test_jailbreak_command_end_to_end_and_resume(tmp_path):
     assert {(r["method"], r["template"]) for r in rows} >= {("Q", "all"), ("Q", "direct"), ("Q+IF", "grandma")}
     md = (out / "summary.md").read_text()
     assert "| Q+IF |" in md and "harm_avoidance, respect, fairness, privacy is rated <= 2" in md
+    assert OFFLINE_HARM_WARNING not in md  # an LLM evaluation judge: no warning
 
     # a rerun resumes: no new rows, the same results
     invoke(args)
