@@ -36,20 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from judges import auc  # noqa: E402  (bench/judges.py: same AUC, ties one half)
 from picaco.evaluate.studies import HARM_THRESHOLD  # noqa: E402
 from picaco.values import load_value_set  # noqa: E402
 
 LABELS = Path(__file__).resolve().parent / "data" / "harm_labels.jsonl"
 CANDIDATES = Path(__file__).resolve().parent / "data" / "labeled-candidates"
 VALUE_SET = "harmlessness-4"
-
-
-def auc(pos: list[float], neg: list[float]) -> float | None:
-    """P(pos > neg), ties one half."""
-    if not pos or not neg:
-        return None
-    p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-    return float(np.mean((p > n) + 0.5 * (p == n)))
 
 
 def rule_stats(flags: list[bool], harmful: list[bool]) -> dict:
