@@ -65,6 +65,14 @@ class Runtime:
         self.budget = Budget(config.max_calls, config.max_tokens)
         self._backends: dict[tuple, Backend] = {}
         self._clients: dict[str, LLMClient] = {}
+        self._offline_judges: dict[int | None, object] = {}
+        self._offline_inputs: dict | None = None
+        if any(j is not None and j.type == "offline" for j in (config.judge, config.eval_judge)):
+            # Read the offline judge's labeled files now: a run is judged by the data it started
+            # with, even though the weights are only trained (or loaded) when first needed.
+            from picaco.judge.offline import training_inputs
+
+            self._offline_inputs = training_inputs()
 
     def backend(self, cfg: RoleConfig) -> Backend:
         key = _backend_key(cfg)
@@ -92,7 +100,11 @@ class Runtime:
         if cfg.type == "offline":
             from picaco.judge.offline import OfflineConfig, OfflineJudge
 
-            return OfflineJudge(config=OfflineConfig(half=cfg.train_half))
+            # one judge per training half: its weights are loaded once however many roles use it
+            if cfg.train_half not in self._offline_judges:
+                self._offline_judges[cfg.train_half] = OfflineJudge(
+                    config=OfflineConfig(half=cfg.train_half), pinned_inputs=self._offline_inputs)
+            return self._offline_judges[cfg.train_half]
         from picaco.judge.llm import LLMJudge
 
         return LLMJudge(self.client(role, cfg))

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from picaco.errors import DataError
 from picaco.judge import offline as offline_mod
 from picaco.judge.base import EPSILON, Judge, ValueScore, prob_to_rating, rating_to_prob
 from picaco.judge.llm import (
@@ -323,7 +326,8 @@ def test_cache_key_follows_data_and_feature_version(embedder, tmp_path, monkeypa
     monkeypatch.undo()
     path = tmp_path / "hedonism.jsonl"
     path.write_text(path.read_text().replace("train", "heldout", 1))
-    assert judge.cache_key() != key
+    assert OfflineJudge(embedder, values=["hedonism"], directory=tmp_path).cache_key() != key
+    assert judge.cache_key() == key  # a judge keeps the data it was built with (tests below)
 
 
 def test_training_reads_only_the_train_split(embedder, monkeypatch):
@@ -454,3 +458,75 @@ def test_runtime_builds_the_configured_half_and_says_so_in_its_identity():
     opt, ev = rt.judge("judge"), rt.judge("eval_judge")
     assert opt.config.half == 0 and ev.config.half == 1
     assert opt.cache_key() != ev.cache_key()  # different training data, different weights file
+
+
+def _copy_labeled(tmp_path, values=("hedonism",)) -> Path:
+    d = tmp_path / "labeled"
+    d.mkdir()
+    for v in values:
+        (d / f"{v}.jsonl").write_bytes((labeled_dir() / f"{v}.jsonl").read_bytes())
+    return d
+
+
+def _edit(path: Path) -> None:
+    path.write_text(path.read_text().replace("train", "heldout", 1))
+
+
+def test_a_judge_keeps_the_labeled_data_it_was_built_with(embedder, tmp_path, monkeypatch):
+    # A run that outlives an edit of the labeled files is still judged by the weights it started with.
+    monkeypatch.setenv("PICACO_MODELS_DIR", str(tmp_path / "models"))
+    data = _copy_labeled(tmp_path)
+    pinned = OfflineJudge(embedder, values=["hedonism"], directory=data)
+    key = pinned.cache_key()
+    trained = OfflineJudge(embedder, values=["hedonism"], directory=data).weights  # cached under key
+    _edit(data / "hedonism.jsonl")
+    assert pinned.cache_key() == key
+    assert OfflineJudge(embedder, values=["hedonism"], directory=data).cache_key() != key
+    monkeypatch.setattr(offline_mod, "train", lambda *a, **k: pytest.fail("retrained"))
+    np.testing.assert_array_equal(pinned.weights.value_w["hedonism"], trained.value_w["hedonism"])
+
+
+def test_a_judge_refuses_to_train_on_data_edited_since_it_was_built(embedder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PICACO_MODELS_DIR", str(tmp_path / "models"))
+    data = _copy_labeled(tmp_path)
+    judge = OfflineJudge(embedder, values=["hedonism"], directory=data)
+    key = judge.cache_key()
+    _edit(data / "hedonism.jsonl")  # before the weights were ever trained: nothing to fall back on
+    monkeypatch.setattr(offline_mod, "train", lambda *a, **k: pytest.fail("trained on edited data"))
+    with pytest.raises(DataError, match=f"changed after this run started \\(weights {key} -> "):
+        judge.weights
+    assert not (tmp_path / "models" / "judges").exists()
+
+
+def test_an_edit_during_training_is_caught_and_not_cached(embedder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PICACO_MODELS_DIR", str(tmp_path / "models"))
+    data = _copy_labeled(tmp_path)
+    judge = OfflineJudge(embedder, values=["hedonism"], directory=data)
+
+    def edit_while_training(*args, **kwargs):
+        _edit(data / "hedonism.jsonl")
+        return object()
+
+    monkeypatch.setattr(offline_mod, "train", edit_while_training)
+    with pytest.raises(DataError, match="changed after this run started"):
+        judge.weights
+    assert not judge.cache_path().exists()
+
+
+def test_runtime_pins_the_labeled_data_when_it_starts(tmp_path, monkeypatch):
+    from picaco.config import RunConfig
+    from picaco.judge import labeled as labeled_mod
+    from picaco.runtime import Runtime
+
+    data = tmp_path / "labeled"
+    shutil.copytree(labeled_dir(), data)
+    monkeypatch.setattr(labeled_mod, "labeled_dir", lambda: data)
+    monkeypatch.setattr(offline_mod, "labeled_dir", lambda: data)
+    config = RunConfig.model_validate({"judge": {"train_half": 0}, "eval_judge": {"train_half": 1}})
+    rt = Runtime(config, use_cache=False)
+    before = OfflineJudge(config=offline_mod.OfflineConfig(half=1)).cache_key()
+    _edit(data / "tradition.jsonl")  # e.g. while the optimizer runs, before evaluation builds its judge
+    assert OfflineJudge(config=offline_mod.OfflineConfig(half=1)).cache_key() != before
+    assert rt.judge("eval_judge").cache_key() == before
+    assert rt.judge("eval_judge") is rt.judge("eval_judge")
+    assert Runtime(config, use_cache=False).judge("eval_judge").cache_key() != before

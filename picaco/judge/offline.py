@@ -29,7 +29,9 @@ values, leave-one-value-out for the shared model), so q_ω is calibrated for the
 Training is deterministic (L-BFGS from zeros) and takes one to a few minutes on 2 cores once the
 train split is embedded; the weights are cached under ``picaco.paths.models_dir()/judges`` (by default inside
 ``cache_dir()``) keyed by the labeled data,
-the embedding model, the value definitions, the config and :data:`FEATURE_VERSION`.
+the embedding model, the value definitions, the config and :data:`FEATURE_VERSION`. A judge pins
+the labeled data and definitions when it is built: a run that outlives an edit of those files keeps
+the weights it started with, or stops with a clear error if they were never trained.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from scipy.special import expit
 
 from picaco import paths
 from picaco.judge.base import ValueScore
-from picaco.judge.labeled import LabeledRow, available_values, data_fingerprint, load_rows
+from picaco.errors import DataError
+from picaco.judge.labeled import LabeledRow, available_values, data_fingerprint, labeled_dir, load_rows
 
 #: bump when features or training change, so cached weights are rebuilt
 FEATURE_VERSION = 2
@@ -254,8 +257,6 @@ def labeled_value_definitions(value_ids: Sequence[str]) -> dict:
             found.setdefault(v.id, v)
     missing = [i for i in value_ids if i not in found]
     if missing:
-        from picaco.errors import DataError
-
         raise DataError(f"labeled values with no bundled definition: {', '.join(missing)}")
     return {i: found[i] for i in value_ids}
 
@@ -352,6 +353,16 @@ def _group_folds(rows, by_value: dict[str, list[int]], folds: int) -> list[int]:
     return fold_of
 
 
+def training_inputs(values: Sequence[str] | None = None, directory: Path | None = None) -> dict:
+    """What the offline judge is trained on that lives in editable files: the labeled data's hash and
+    the bundled definitions of its values. Part of the weights' cache key; pinned by each judge."""
+    ids = list(values) if values is not None else available_values(directory)
+    return {
+        "data": data_fingerprint(ids, directory),
+        "definitions": {i: definition_key(v) for i, v in labeled_value_definitions(ids).items()},
+    }
+
+
 # -- the judge --------------------------------------------------------------------------------------
 
 
@@ -369,6 +380,7 @@ class OfflineJudge:
         values: Sequence[str] | None = None,
         cache: bool = True,
         directory: Path | None = None,
+        pinned_inputs: dict | None = None,
     ):
         if embedder is None:
             from picaco.embeddings import shared_embedder
@@ -382,21 +394,34 @@ class OfflineJudge:
         self._weights = weights
         self._lock = threading.Lock()
         self._directions: dict[str, np.ndarray] = {}
+        # Pinned now, not at first use: the labeled files and value definitions are read when the
+        # weights are trained, which may be an hour into a run. A run keeps the judge it started with
+        # (see _load_or_train) instead of silently switching to whatever the files say later.
+        self._inputs = pinned_inputs if pinned_inputs is not None else training_inputs(
+            self._values, self._directory)
 
     # -- training and caching ---------------------------------------------------------------------
     def cache_key(self) -> str:
-        ids = self._values if self._values is not None else available_values(self._directory)
+        """Keys the weights: the pinned training inputs, the embedder, the config and the version."""
+        return self._key_for(self._inputs)
+
+    def _key_for(self, inputs: dict) -> str:
         blob = json.dumps(
-            {
-                "data": data_fingerprint(ids, self._directory),
-                "embedder": self.embedder.identity(),
-                "definitions": {i: definition_key(v) for i, v in labeled_value_definitions(ids).items()},
-                "config": asdict(self.config),
-                "version": FEATURE_VERSION,
-            },
+            {**inputs, "embedder": self.embedder.identity(), "config": asdict(self.config),
+             "version": FEATURE_VERSION},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _check_inputs_unchanged(self) -> None:
+        now = training_inputs(self._values, self._directory)
+        if now != self._inputs:
+            raise DataError(
+                f"the offline judge's labeled data or value definitions changed after this run started "
+                f"(weights {self.cache_key()} -> {self._key_for(now)}), and the weights it started with "
+                f"are not cached: restore the files under {self._directory or labeled_dir()} and rerun, "
+                f"or start a new run"
+            )
 
     def cache_path(self) -> Path:
         # Next to the verified model files (by default <cache_dir>/models): the weights are a model
@@ -415,11 +440,14 @@ class OfflineJudge:
         path = self.cache_path() if self._cache else None
         if path is not None and path.is_file():
             try:
-                return OfflineWeights.load(path)
+                return OfflineWeights.load(path)  # the pinned weights, even if the files changed since
             except (OSError, ValueError, KeyError):
                 pass  # a corrupt cache entry is rebuilt below
+        # Training reads the files now: they must still be the pinned ones, before and after.
+        self._check_inputs_unchanged()
         weights = train(self.embedder, values=self._values, config=self.config,
                         directory=self._directory)
+        self._check_inputs_unchanged()
         if path is not None:
             weights.save(path)
         return weights
