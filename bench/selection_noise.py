@@ -5,8 +5,9 @@
 Reads the `picaco-run/responses.jsonl` of each compare directory; no model is called. In sampling
 mode every round samples the incumbent and each candidate on the same (query, seed) pairs (common
 random numbers), so each candidate gives paired differences d[q, s] = candidate - incumbent per
-query q and sample s, in two units: the objective's response score f, and the mean 1-5 rating over
-the values (what the held-out table reports). A random-effects split of the paired differences,
+query q and sample s, in mean 1-5 rating over the values (the unit of the held-out tables). A
+random-effects split of the paired differences (picaco.report.rundata.decision_noise; the run report
+shows the same numbers for any run),
 
     d[q, s] = mu + a[q] + e[q, s],   var(a) = instruction x query interaction, var(e) = sampling noise,
 
@@ -23,66 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def mean_rating(row: dict) -> float | None:
-    ratings = [s["rating"] for s in row.get("scores", {}).values() if s.get("rating") is not None]
-    return float(np.mean(ratings)) if ratings else None
-
-
-def paired_differences(rows: list[dict], unit: str) -> list[dict[tuple[str, int], float]]:
-    """Per round and candidate: {(query, seed): candidate - incumbent} on the shared seeds."""
-    value = (lambda r: r.get("f")) if unit == "f" else mean_rating
-    by = defaultdict(dict)  # (round, phase, hash) -> {(query, seed): value}
-    for r in rows:
-        if r["phase"] in ("enhance", "candidate") and value(r) is not None:
-            by[(r["round"], r["phase"], r["instruction_hash"])][(r["query_id"], r["seed"])] = value(r)
-    out = []
-    for (rnd, phase, ihash), cand in sorted(by.items()):
-        if phase != "candidate":
-            continue
-        incumbents = [v for (r2, p2, _), v in by.items() if r2 == rnd and p2 == "enhance"]
-        if not incumbents:
-            continue
-        inc = incumbents[0]
-        shared = sorted(set(cand) & set(inc))
-        if shared:
-            out.append({k: cand[k] - inc[k] for k in shared})
-    return out
-
-
-def variance_components(diffs: list[dict[tuple[str, int], float]]) -> tuple[float, float, int, int]:
-    """Pooled one-way random-effects (method of moments) over candidates: (var_a, var_e, n_q, n_s)."""
-    within, between, n_s_all, n_q_all = [], [], [], []
-    for d in diffs:
-        per_q = defaultdict(list)
-        for (q, _), x in d.items():
-            per_q[q].append(x)
-        groups = [np.array(v) for v in per_q.values() if len(v) >= 2]
-        if len(groups) < 2:
-            continue
-        n_s = min(len(g) for g in groups)
-        groups = [g[:n_s] for g in groups]
-        means = np.array([g.mean() for g in groups])
-        within.append(np.mean([g.var(ddof=1) for g in groups]))
-        between.append(means.var(ddof=1))
-        n_s_all.append(n_s)
-        n_q_all.append(len(groups))
-    if not within:
-        raise SystemExit("no paired candidate samples found (sampling-mode runs only)")
-    var_e = float(np.mean(within))
-    n_s = int(round(np.mean(n_s_all)))
-    var_a = max(0.0, float(np.mean(between)) - var_e / n_s)
-    return var_a, var_e, int(round(np.mean(n_q_all))), n_s
-
-
-def decision_se(var_a: float, var_e: float, n_q: int, n_s: int) -> float:
-    return math.sqrt(var_a / n_q + var_e / (n_q * n_s))
+from picaco.report.rundata import decision_noise, paired_differences  # noqa: E402
 
 
 def heldout_variance(eval_dir: Path, final: str = "PICACO") -> tuple[float, int] | None:
@@ -113,23 +63,20 @@ def main() -> None:
     ap.add_argument("--effect", type=float, default=0.1,
                     help="mean-rating difference a decision should resolve (default 0.1)")
     args = ap.parse_args()
-    print("| set | unit | candidates | var(a) query x instruction | var(e) sampling | SE now "
-          f"(n_q x n_s) | queries for SE = {args.effect}/2 (2 samples) |")
+    target = args.effect / 2
+    print("| set | candidates | var(a) query x instruction | var(e) sampling | SE of one decision "
+          f"(n_q x n_s) | queries for SE = {target:g} (2 samples) | held-out var(a) + var(e) (40 x 1) |")
     print("|---|---|---|---|---|---|---|")
     for d in args.compare_dirs:
         rows = [json.loads(line) for line in (d / "picaco-run" / "responses.jsonl").open()]
-        for unit in ("f", "rating"):
-            diffs = paired_differences(rows, unit)
-            var_a, var_e, n_q, n_s = variance_components(diffs)
-            se = decision_se(var_a, var_e, n_q, n_s)
-            need = "" if unit == "f" else str(math.ceil((var_a + var_e / 2) / (args.effect / 2) ** 2))
-            print(f"| {d.name.removeprefix('v3-')} | {unit} | {len(diffs)} | {var_a:.3f} | {var_e:.3f} | "
-                  f"{se:.3f} ({n_q} x {n_s}) | {need} |")
+        noise = decision_noise(paired_differences(rows))
+        if noise is None:
+            raise SystemExit(f"{d}: no paired candidate samples (sampling-mode runs only)")
         held = heldout_variance(d / "eval")
-        if held is not None:
-            print(f"| {d.name.removeprefix('v3-')} held-out | rating | PICACO vs each method | "
-                  f"var(a) + var(e) = {held[0]:.3f} | | SE {math.sqrt(held[0] / held[1]):.3f} "
-                  f"({held[1]} x 1) | |")
+        print(f"| {d.name.removeprefix('v3-')} | {noise.candidates} | {noise.var_query:.3f} | "
+              f"{noise.var_sample:.3f} | {noise.se():.3f} ({noise.n_queries} x {noise.n_samples}) | "
+              f"{noise.queries_for(target)} | {'' if held is None else f'{held[0]:.3f}'} |")
+
 
 if __name__ == "__main__":
     main()

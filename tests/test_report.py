@@ -15,6 +15,7 @@ import html as htmllib
 import json
 import math
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -304,6 +305,44 @@ def test_numbers_come_from_the_run(report):
     assert [r[1] for r in table_rows(html, "round-table")] == ["changed", "unchanged"]
     assert "0123456789abcdef" in html and hashlib.sha256(FINAL.encode()).hexdigest() in html
     assert 'class="badge finished"' in html and 'id="status-banner"' not in html
+
+
+def gain_noise_text(html: str) -> str:
+    start = html.index('id="gain-noise"')
+    return htmllib.unescape(re.sub(r"<[^>]+>", "", html[start:html.index("</p>", start)]))
+
+
+def test_gain_interval_over_the_training_queries(report):
+    text = gain_noise_text(report.read_text(encoding="utf-8"))
+    # per-pair gains in mean rating: 0.75 everywhere but query 0 sample 0 (+2 on depth: 1.25), so
+    # per-query means 1.0, 0.75, 0.75; t(0.975, 2 df) = 4.302653
+    means = [1.0, 0.75, 0.75]
+    centre = sum(means) / 3
+    half = 4.302653 * math.sqrt(sum((m - centre) ** 2 for m in means) / 2 / 3)
+    expect = f"+{centre:.2f} [+{centre - half:.2f}, +{centre + half:.2f}]"
+    assert f"final − seed: {expect}, a 95% t interval over the 3 training queries" in text
+    assert "within the noise" not in text  # the interval is above zero
+    assert "keep-or-replace" not in text  # a likelihood-mode run has no paired candidate samples
+
+
+def test_decision_noise_of_a_sampling_mode_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    # OTHER competes in round 2 on the incumbent's (query, seed) pairs, differing by known amounts
+    deltas = {0: [0.5, -0.5], 1: [0.0, 0.0], 2: [1.0, 1.0]}
+    with open(run / "responses.jsonl", "a", encoding="utf-8") as f:
+        for qi, q in enumerate(QUERIES):
+            for j, seed in enumerate(round_seeds(2, q)):
+                record = response_record(FINAL, "candidate", 2, qi, j, seed)
+                level = _mean(rating(FINAL, qi, j, v) for v in VALUES.ids) + deltas[qi][j]
+                record.update(instruction_hash=instruction_hash(OTHER),
+                              scores={v: {"prob": (level - 1) / 4, "rating": level} for v in VALUES.ids})
+                f.write(json.dumps(record) + "\n")
+    text = gain_noise_text(write_report(run, tmp_path / "site" / "report.html").read_text(encoding="utf-8"))
+    # query means 0, 0, 1: var_sample = mean(0.5, 0, 0) = 1/6, var_query = 1/3 - (1/6)/2 = 1/4;
+    # SE = sqrt(1/4 / 3 + 1/6 / 6) = 1/3; for SE 0.05 at 2 samples: (1/4 + 1/12) / 0.0025 -> 134
+    assert ("standard error of 0.33 rating points (3 queries × 2 samples, from 1 candidate(s))" in text
+            and "about 134 queries × 2 samples per decision" in text), text
 
 
 def test_unfinished_run_reports_what_exists(tmp_path):

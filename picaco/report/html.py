@@ -26,10 +26,13 @@ from picaco.report.rundata import (
     CandidateRow,
     RunData,
     candidate_history,
+    decision_noise,
     examples,
     load_compare,
     load_run,
     overall,
+    paired_differences,
+    paired_gain,
     pairs,
     rating_of,
     round_means,
@@ -39,6 +42,8 @@ from picaco.report.rundata import (
 
 #: how many of the lowest-scoring values get before/after examples
 WEAKEST_VALUES = 3
+#: the rating difference the noise note says a decision would need to resolve (at two standard errors)
+RESOLVE_DIFFERENCE = 0.1
 
 # The report's only script. It marks the document (so a browser test can tell scripts ran) and wires
 # the copy buttons; clipboard access can be refused on file:// pages, so selection + execCommand
@@ -188,6 +193,10 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "final_label": final_label,
         "cards": _cards(run, scores),
         "scores": scores,
+        # is the gain more than the noise of the decisions that found it? (docs/report.md)
+        "gain": paired_gain(matched, run.value_ids) if scores.paired else None,
+        "noise": decision_noise(paired_differences(run.responses)),
+        "resolve": RESOLVE_DIFFERENCE,
         "value_rows": value_rows,
         "methods": list(methods),
         "method_colours": _method_colours(methods),

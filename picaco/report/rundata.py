@@ -365,6 +365,118 @@ def examples(matched: list[Pair], value_ids: Sequence[str], per_value: int = 2) 
     return out
 
 
+# -- how precise the run's decisions were -----------------------------------------------------------
+
+
+def mean_rating(response: Mapping, value_ids: Sequence[str] | None = None) -> float | None:
+    """One response's unweighted mean rating over the values it was scored on (or `value_ids`)."""
+    scores = response.get("scores") or {}
+    return mean_or_none(rating_of(scores.get(v)) for v in (value_ids if value_ids is not None else scores))
+
+
+def paired_differences(responses: Iterable[Mapping]) -> list[dict[tuple[str, int], float]]:
+    """Per round and candidate, {(query id, seed): candidate − incumbent} in mean rating.
+
+    In sampling mode each round samples the incumbent (phase "enhance") and every candidate on the
+    same (query, seed) pairs, so the differences are paired; likelihood-mode rounds give none."""
+    by: dict[tuple[int, str, str], dict[tuple[str, int], float]] = {}
+    for r in responses:
+        if r.get("phase") in ("enhance", "candidate"):
+            m = mean_rating(r)
+            if m is not None:
+                by.setdefault((r["round"], r["phase"], r["instruction_hash"]), {})[(r["query_id"], r["seed"])] = m
+    incumbents = {rnd: vals for (rnd, phase, _), vals in by.items() if phase == "enhance"}
+    out = []
+    for (rnd, phase, _), cand in sorted(by.items()):
+        inc = incumbents.get(rnd)
+        if phase == "candidate" and inc:
+            shared = [k for k in cand if k in inc]
+            if shared:
+                out.append({k: cand[k] - inc[k] for k in shared})
+    return out
+
+
+@dataclass(frozen=True)
+class DecisionNoise:
+    """The spread of candidate − incumbent differences, split as d[q, s] = mu + a[q] + e[q, s]:
+    var_query (how much an instruction's effect depends on the query) and var_sample (sampling)."""
+
+    var_query: float
+    var_sample: float
+    n_queries: int
+    n_samples: int
+    candidates: int
+
+    def se(self, n_queries: int | None = None, n_samples: int | None = None) -> float:
+        """Standard error of one decision's mean difference on n_queries × n_samples (default: the
+        run's own). var_query does not shrink with more samples of the same queries."""
+        nq = n_queries or self.n_queries
+        ns = n_samples or self.n_samples
+        return math.sqrt(self.var_query / nq + self.var_sample / (nq * ns))
+
+    def queries_for(self, se: float, n_samples: int = 2) -> int:
+        """Queries per decision (at n_samples each) for a standard error of `se`."""
+        return math.ceil((self.var_query + self.var_sample / n_samples) / se ** 2)
+
+
+def decision_noise(diffs: Sequence[Mapping[tuple[str, int], float]]) -> DecisionNoise | None:
+    """Method-of-moments variance components pooled over candidates; None with too few pairs."""
+    within, between, n_s_all, n_q_all = [], [], [], []
+    for d in diffs:
+        per_query: dict[str, list[float]] = {}
+        for (q, _), x in d.items():
+            per_query.setdefault(q, []).append(x)
+        groups = [v for v in per_query.values() if len(v) >= 2]
+        if len(groups) < 2:
+            continue
+        n_s = min(len(g) for g in groups)
+        groups = [g[:n_s] for g in groups]
+        means = [sum(g) / n_s for g in groups]
+        within.append(sum(_variance(g) for g in groups) / len(groups))
+        between.append(_variance(means))
+        n_s_all.append(n_s)
+        n_q_all.append(len(groups))
+    if not within:
+        return None
+    var_sample = sum(within) / len(within)
+    n_s = round(sum(n_s_all) / len(n_s_all))
+    return DecisionNoise(
+        var_query=max(0.0, sum(between) / len(between) - var_sample / n_s), var_sample=var_sample,
+        n_queries=round(sum(n_q_all) / len(n_q_all)), n_samples=n_s, candidates=len(within))
+
+
+def _variance(xs: Sequence[float]) -> float:
+    m = sum(xs) / len(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """Final − seed mean rating over the paired responses, with a t interval over queries."""
+
+    mean: float
+    low: float
+    high: float
+    n_queries: int
+
+
+def paired_gain(matched: Sequence[Pair], value_ids: Sequence[str], confidence: float = 0.95) -> Gain | None:
+    """The seed → final gain per query (mean over its samples), t interval across queries."""
+    per_query: dict[str, list[float]] = {}
+    for p in matched:
+        a, b = mean_rating(p.before, value_ids), mean_rating(p.after, value_ids)
+        if a is not None and b is not None:
+            per_query.setdefault(p.query_id, []).append(b - a)
+    means = [sum(v) / len(v) for v in per_query.values()]
+    if len(means) < 2:
+        return None
+    from scipy.stats import t  # only here: the report's other numbers need no scipy
+
+    centre = sum(means) / len(means)
+    half = t.ppf(0.5 + confidence / 2, len(means) - 1) * math.sqrt(_variance(means) / len(means))
+    return Gain(centre, centre - half, centre + half, len(means))
+
+
 # -- compared methods ---------------------------------------------------------------------------------
 
 
