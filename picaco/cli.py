@@ -269,6 +269,14 @@ def print_result(result) -> None:
     for vid in final:
         table.add_row(vid, fmt(seed.get(vid)), fmt(final[vid]))
     err.print(table)
+    try:
+        from picaco.report.rundata import gain_and_noise, gain_noise_summary, load_run
+
+        line = gain_noise_summary(*gain_and_noise(load_run(result.run_dir)))
+    except PicacoError:
+        line = None  # a run directory the report cannot read still has its result printed
+    if line:
+        err.print(line, markup=False, highlight=False)
     if result.accounting:
         print_accounting(result.accounting)
     err.print(f"stopped: {result.stop_reason}; run directory: {result.run_dir}")

@@ -8,7 +8,15 @@ import math
 
 import pytest
 
-from picaco.report.rundata import DecisionNoise, Pair, decision_noise, paired_differences, paired_gain
+from picaco.report.rundata import (
+    DecisionNoise,
+    Gain,
+    Pair,
+    decision_noise,
+    gain_noise_summary,
+    paired_differences,
+    paired_gain,
+)
 
 
 def _row(phase, ihash, query, seed, ratings, rnd=1):
@@ -62,3 +70,15 @@ def test_paired_gain_is_a_t_interval_over_query_means():
     assert (gain.mean, gain.n_queries) == (pytest.approx(0.5), 3)
     assert gain.low == pytest.approx(0.5 - half, abs=1e-5) and gain.high == pytest.approx(0.5 + half, abs=1e-5)
     assert paired_gain(matched[:2], ["a"]) is None  # one query: no interval
+
+
+def test_command_line_summary_says_when_the_gain_is_within_the_noise():
+    noise = DecisionNoise(var_query=0.25, var_sample=1 / 6, n_queries=3, n_samples=2, candidates=1)  # SE 1/3
+    clear = Gain(mean=0.5, low=0.1, high=0.9, n_queries=3)
+    assert gain_noise_summary(clear, noise) == (
+        "gain +0.50 [+0.10, +0.90] over 3 training queries (95%, optimistic); "
+        "one decision's standard error 0.33 (3 queries x 2 samples)")
+    unclear = Gain(mean=0.2, low=-0.3, high=0.7, n_queries=3)
+    assert gain_noise_summary(unclear, None).endswith(
+        "optimistic): within the noise, check it with `picaco evaluate` on held-out queries")
+    assert gain_noise_summary(None, None) is None

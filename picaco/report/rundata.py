@@ -477,6 +477,30 @@ def paired_gain(matched: Sequence[Pair], value_ids: Sequence[str], confidence: f
     return Gain(centre, centre - half, centre + half, len(means))
 
 
+def gain_and_noise(run: RunData) -> tuple[Gain | None, DecisionNoise | None]:
+    """The seed → final gain (None unless paired and changed) and the run's decision noise."""
+    matched = pairs(run)
+    gain = paired_gain(matched, run.value_ids) if matched and run.final_hash != run.seed_hash else None
+    return gain, decision_noise(paired_differences(run.responses))
+
+
+def gain_noise_summary(gain: Gain | None, noise: DecisionNoise | None) -> str | None:
+    """One plain-text line for the command line: the gain, the noise, and whether to trust it."""
+    parts = []
+    if gain is not None:
+        parts.append(f"gain {gain.mean:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}] over {gain.n_queries} "
+                     "training queries (95%, optimistic)")
+    if noise is not None:
+        parts.append(f"one decision's standard error {noise.se():.2f} ({noise.n_queries} queries x "
+                     f"{noise.n_samples} samples)")
+    if not parts:
+        return None
+    line = "; ".join(parts)
+    if gain is not None and gain.low <= 0:
+        line += ": within the noise, check it with `picaco evaluate` on held-out queries"
+    return line
+
+
 # -- compared methods ---------------------------------------------------------------------------------
 
 
