@@ -182,6 +182,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
     figs, figure_notes = _figures(run, scores, methods, per_round, value_colours, figure_dir,
                                   final_label)
     history = candidate_history(run)
+    gain, noise = gain_and_noise(run)  # is the gain more than the noise of the decisions that found it?
     return {
         "run": run,
         "title": f"picaco report · {run.path.resolve().name}",
@@ -191,8 +192,8 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "final_label": final_label,
         "cards": _cards(run, scores),
         "scores": scores,
-        # is the gain more than the noise of the decisions that found it? (docs/report.md)
-        **dict(zip(("gain", "noise"), gain_and_noise(run))),
+        "gain": gain,
+        "noise": noise,
         "resolve": RESOLVE_DIFFERENCE,
         "value_rows": value_rows,
         "methods": list(methods),
