@@ -182,7 +182,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
     figs, figure_notes = _figures(run, scores, methods, per_round, value_colours, figure_dir,
                                   final_label)
     history = candidate_history(run)
-    gain, noise = gain_and_noise(run)  # is the gain more than the noise of the decisions that found it?
+    gain, noise = gain_and_noise(run, matched)  # is the gain more than the noise of the decisions that found it?
     return {
         "run": run,
         "title": f"picaco report · {run.path.resolve().name}",

@@ -477,9 +477,10 @@ def paired_gain(matched: Sequence[Pair], value_ids: Sequence[str], confidence: f
     return Gain(centre, centre - half, centre + half, len(means))
 
 
-def gain_and_noise(run: RunData) -> tuple[Gain | None, DecisionNoise | None]:
-    """The seed → final gain (None unless paired and changed) and the run's decision noise."""
-    matched = pairs(run)
+def gain_and_noise(run: RunData, matched: list[Pair] | None = None) -> tuple[Gain | None, DecisionNoise | None]:
+    """The seed → final gain (None unless paired and changed) and the run's decision noise.
+    `matched`: the run's `pairs`, when the caller has them already."""
+    matched = pairs(run) if matched is None else matched
     gain = paired_gain(matched, run.value_ids) if matched and run.final_hash != run.seed_hash else None
     return gain, decision_noise(paired_differences(run.responses))
 
