@@ -97,7 +97,7 @@ async def optimize_async(
             queries=queries,
             params=params,
             run_dir=run_dir,
-            seed_instruction=config.seed_instruction,
+            seed_instruction=config.seed_text(value_set),
             init_from=config.init_from,
             proxy=proxy,
             progress=progress,

@@ -121,8 +121,11 @@ class RunConfig(BaseModel):
     eval_judge: JudgeConfig | None = None
     #: hyper-parameter overrides on top of the preset (see `picaco.optimize.params`)
     optimize: dict[str, Any] = Field(default_factory=dict)
-    #: the starting instruction e^0 (text); default: one that lists the values
+    #: the starting instruction e^0 (text); default: one that lists the values by title
     seed_instruction: str | None = None
+    #: or start from a prompting baseline's system prompt: "Q+IF" (the values with their
+    #: definitions) or "MP" (the persona); OPRO and GEPA start from the same e^0
+    seed_from: str | None = None
     #: continue from an earlier run directory or an instruction text file
     init_from: Path | None = None
     max_calls: int | None = Field(default=None, ge=1)
@@ -137,6 +140,32 @@ class RunConfig(BaseModel):
         if isinstance(v, dict) and "model" not in v:
             return {**v, "model": OPTIMIZER_DEFAULT_MODEL}
         return v
+
+    @field_validator("seed_from")
+    @classmethod
+    def _seedable_method(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from picaco.baselines import seedable_name
+
+        try:
+            return seedable_name(v)
+        except ConfigError as e:  # pydantic wants ValueError; the message stays one line
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _one_seed(self) -> "RunConfig":
+        if self.seed_instruction is not None and self.seed_from is not None:
+            raise ValueError("give seed_instruction or seed_from, not both: each sets the starting instruction")
+        return self
+
+    def seed_text(self, value_set) -> str | None:
+        """The starting instruction e^0 this config asks for; None = the optimizer's default."""
+        if self.seed_from is not None:
+            from picaco.baselines import make_simple
+
+            return make_simple(self.seed_from).system_prompt(value_set)
+        return self.seed_instruction
 
     @field_validator("optimize")
     @classmethod

@@ -65,6 +65,39 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, text, needle):
     assert "sk-123" not in msg  # a secret typed into the config is never echoed back
 
 
+def test_seed_from_names_a_baselines_prompt_resolved_for_the_value_set():
+    from picaco.baselines import Persona, ValuesInstruction
+
+    cfg = load_config(None, {"values": "harmlessness-4", "seed_from": "q_if"})
+    assert cfg.seed_from == "Q+IF"  # aliases and case resolve to the report name
+    vs = load_value_set("harmlessness-4")
+    # the baseline's own text, with every value's definition, not the title list
+    assert cfg.seed_text(vs) == ValuesInstruction().system_prompt(vs)
+    assert all(v.definition in cfg.seed_text(vs) for v in vs.values)
+    assert load_config(None, {"seed_from": "MP"}).seed_text(vs) == Persona().system_prompt(vs)
+    assert load_config(None, {"seed_instruction": "Be kind."}).seed_text(vs) == "Be kind."
+    assert load_config(None, {}).seed_text(vs) is None  # the optimizer's default seed
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("seed_from: URIAL", "URIAL is not a single system prompt; use one of Q+IF, MP"),  # has example turns
+        ("seed_from: Q", "Q is not a single system prompt"),  # no prompt at all
+        ("seed_from: Modular", "Modular is not a single system prompt"),
+        ("seed_from: OPRO", "OPRO is not a single system prompt"),
+        ("seed_from: Shakespeare", "unknown method 'Shakespeare'"),
+        ("seed_from: Q+IF\nseed_instruction: Be kind.", "give seed_instruction or seed_from, not both"),
+    ],
+)
+def test_bad_seed_from_is_one_line(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 def test_missing_and_binary_config(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -213,6 +213,44 @@ def test_evaluate_config_builds_roles_and_flags_the_shared_judge(tmp_path):
     assert s["accounting"]["optimizer"]["calls"] >= 1
 
 
+def test_seed_from_starts_opro_from_the_baselines_prompt(tmp_path):
+    """`seed_from: Q+IF` is the e^0 of the searching baselines too (and of PICACO: api.optimize passes
+    the same `config.seed_text`), so a compare keeps one shared seed."""
+    from picaco.baselines import ValuesInstruction
+
+    config = RunConfig(
+        values="helpfulness-4", preset="tiny", seed_from="Q+IF",
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    rt = Runtime(config, use_cache=False)
+    asyncio.run(evaluate_config(
+        config, ["OPRO"], out_dir=tmp_path / "eval", n_queries=2, opro_max_calls=30,
+        n_boot=100, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), load_value_set("helpfulness-4")),
+    ))
+    asyncio.run(rt.aclose())
+    opro = json.loads((tmp_path / "eval" / "opro" / "result.json").read_text())
+    expected = ValuesInstruction().system_prompt(load_value_set("helpfulness-4"))
+    assert opro["trajectory"][0]["text"] == expected and opro["trajectory"][0]["step"] == 0
+
+
+def test_seed_from_is_picacos_starting_instruction(tmp_path):
+    from picaco import api
+    from picaco.baselines import Persona
+
+    config = RunConfig(
+        values="helpfulness-4", preset="tiny", seed_from="MP", cache=False, optimize={"rounds": 1},
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    result = api.optimize(config, run_dir=tmp_path / "run")
+    expected = Persona().system_prompt(load_value_set("helpfulness-4"))
+    assert result.seed_instruction == expected
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text())["seed_instruction"] == expected
+
+
 # -- the real path: SmolLM2 behind a real llama.cpp server, MiniLM for q_φ ---------------------------
 
 

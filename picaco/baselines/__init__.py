@@ -71,8 +71,19 @@ def make_simple(name: str) -> PromptMethod:
     return SIMPLE_METHODS[canonical]()
 
 
+def seedable_name(name: str) -> str:
+    """The canonical name of a method whose whole prompt is one system prompt (`PromptMethod.seedable`),
+    so that prompt can be an optimizer's starting instruction; anything else is a ConfigError."""
+    canonical = canonical_name(name)
+    method = SIMPLE_METHODS.get(canonical)
+    if method is None or not method.seedable:
+        usable = ", ".join(n for n, m in SIMPLE_METHODS.items() if m.seedable)
+        raise ConfigError(f"seed_from: {canonical} is not a single system prompt; use one of {usable}")
+    return canonical
+
+
 __all__ = [
     "Bare", "Gepa", "GepaParams", "GepaResult", "Instruction", "METHOD_NAMES", "Method", "Modular", "Opro",
     "OproParams", "OproResult", "Persona", "PromptMethod", "SEARCH_METHODS", "SIMPLE_METHODS", "Urial",
-    "UrialSum", "ValuesInstruction", "budget_from_run", "canonical_name", "fingerprint", "make_simple",
+    "UrialSum", "ValuesInstruction", "budget_from_run", "canonical_name", "fingerprint", "make_simple", "seedable_name",
 ]

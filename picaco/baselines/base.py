@@ -96,6 +96,9 @@ class PromptMethod:
     name = "prompt"
     kind = "prompt"
     optimized_against: dict | None = None
+    #: the whole method is its system prompt (no prior turns, one call per query), so that prompt can
+    #: be an optimizer's starting instruction (`seed_from` in a config)
+    seedable = False
 
     def __init__(self) -> None:
         self.calls_spent = 0

@@ -12,6 +12,7 @@ from picaco.baselines.base import PromptMethod, value_list
 class ValuesInstruction(PromptMethod):
     name = "Q+IF"
     kind = "values_instruction"
+    seedable = True
 
     def system_prompt(self, value_set) -> str:
         return (

@@ -8,6 +8,7 @@ from picaco.baselines.base import PromptMethod, value_list
 class Persona(PromptMethod):
     name = "MP"
     kind = "persona"
+    seedable = True
 
     def system_prompt(self, value_set) -> str:
         return (

@@ -121,13 +121,13 @@ def _search_method(method: str, config: RunConfig, rt: Runtime, instructions: Ma
     """OPRO or GEPA over the train split, scored by the optimization judge, state under OUT/<method>."""
     from picaco.api import load_inputs
 
-    _, train = load_inputs(config, "train")
+    value_set, train = load_inputs(config, "train")
     n_train = config.params().n_queries
     if n_train is not None:
         train = train[:n_train]
     budget = _search_budget(method, max_calls, instructions)
     common = dict(optimizer=rt.client("optimizer"), judge=judge, train_queries=train,
-                  seed_instruction=config.seed_instruction, accounting=rt.accounting,
+                  seed_instruction=config.seed_text(value_set), accounting=rt.accounting,
                   state_dir=out / method.lower())
     if method == "GEPA":
         return Gepa(params=gepa_params(config, budget, overrides), **common)
