@@ -282,6 +282,9 @@ def print_result(result) -> None:
     err.print(f"stopped: {result.stop_reason}; run directory: {result.run_dir}")
     out.print("\n[bold]optimized instruction[/bold] (" + str(Path(result.run_dir) / "instruction.txt") + "):")
     out.print(result.instruction, markup=False, highlight=False)
+    deployed = Path(result.run_dir) / "system_prompt.txt"
+    if deployed.exists():
+        out.print(f"\n[bold]system prompt to deploy[/bold] (your template with it in the slot: {deployed})")
 
 
 # ------------------------------------------------------------------------------------ report, evaluate

@@ -126,6 +126,9 @@ class RunConfig(BaseModel):
     #: or start from a prompting baseline's system prompt: "Q+IF" (the values with their
     #: definitions) or "MP" (the persona); OPRO and GEPA start from the same e^0
     seed_from: str | None = None
+    #: a fixed system prompt around the optimized instruction, with one `{instruction}` slot: the
+    #: target always gets it filled (an empty slot for the bare model); only the slot is optimized
+    system_template: str | None = None
     #: continue from an earlier run directory or an instruction text file
     init_from: Path | None = None
     max_calls: int | None = Field(default=None, ge=1)
@@ -152,6 +155,19 @@ class RunConfig(BaseModel):
             return seedable_name(v)
         except ConfigError as e:  # pydantic wants ValueError; the message stays one line
             raise ValueError(str(e)) from None
+
+    @field_validator("system_template")
+    @classmethod
+    def _one_slot(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from picaco.llm.base import INSTRUCTION_SLOT
+
+        count = v.count(INSTRUCTION_SLOT)
+        if count != 1:
+            raise ValueError(f"must contain {INSTRUCTION_SLOT} exactly once (found {count}): "
+                             "it marks where the optimized instruction goes")
+        return v
 
     @model_validator(mode="after")
     def _one_seed(self) -> "RunConfig":

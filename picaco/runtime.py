@@ -16,6 +16,10 @@ from picaco.llm.base import Backend
 from picaco.llm.cache import CallCache
 from picaco.llm.client import LLMClient
 
+#: roles whose requests get the config's `system_template`: the target, and the proxy that scores
+#: likelihoods in its place; the optimizer and the judges see plain prompts
+TEMPLATED_ROLES = ("target", "proxy")
+
 
 def make_backend(cfg: RoleConfig) -> Backend:
     if cfg.backend == "embedded":
@@ -91,6 +95,8 @@ class Runtime:
                 accounting=self.accounting,
                 budget=self.budget,
                 max_concurrency=cfg.max_in_flight,
+                # the models that stand for the deployed one answer inside the fixed template
+                system_template=self.config.system_template if role in TEMPLATED_ROLES else None,
             )
         return self._clients[role]
 

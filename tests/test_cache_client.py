@@ -125,3 +125,52 @@ def test_accounting_merge_and_total():
     b.record_faults("target", {"429": 2}, retries=2)
     t = b.total()
     assert (t.calls, t.cache_hits, t.prompt_tokens, t.retries, t.faults["429"]) == (1, 1, 10, 2, 2)
+
+
+# -- the system template: a fixed prompt around the optimized instruction -----------------------------
+
+TEMPLATE = "You are the help desk of the {city} library. {instruction}\nAnswer in two sentences."
+
+
+def test_fill_template_puts_the_instruction_in_the_slot_only():
+    from picaco.llm.base import fill_template, frame
+
+    # other braces are left alone: a plain replace, not str.format
+    assert fill_template(TEMPLATE, "  Be kind.\n") == (
+        "You are the help desk of the {city} library. Be kind.\nAnswer in two sentences.")
+    assert fill_template(TEMPLATE, None) == "You are the help desk of the {city} library. \nAnswer in two sentences."
+    framed = frame(chat("Be kind.", "hi"), TEMPLATE)
+    assert [m.role for m in framed] == ["system", "user"] and "library. Be kind." in framed[0].content
+    # the bare model (no system message) gets the template with an empty slot: the deployment as it is
+    bare = frame(chat(None, "hi"), TEMPLATE)
+    assert [m.role for m in bare] == ["system", "user"]
+    assert bare[0].content == fill_template(TEMPLATE, "") and bare[1].content == "hi"
+
+
+async def test_a_templated_client_sends_framed_prompts_and_keys_the_cache_by_them(tmp_path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    seen = []
+
+    def responder(request):
+        seen.append(request.messages)
+        return "ok " + str(len(seen))
+
+    backend = FakeBackend(responder=responder)
+    plain = LLMClient("target", backend, cache=cache)
+    templated = LLMClient("target", backend, cache=cache, system_template=TEMPLATE)
+    msgs = chat("Be kind.", "Where are the maps?")
+    a = await plain.generate(msgs, seed=1)
+    b = await templated.generate(msgs, seed=1)
+    assert seen[0][0].content == "Be kind."
+    assert seen[1][0].content.startswith("You are the help desk") and "Be kind." in seen[1][0].content
+    assert a[0].text != b[0].text  # a different request, not the plain one's cache entry
+    again = await templated.generate(msgs, seed=1)
+    assert again[0].text == b[0].text and len(seen) == 2  # cached under the framed request
+    # likelihoods are framed the same way
+    scored = []
+    backend.scorer = lambda messages, response: scored.append(messages) or [-1.0]
+    await templated.loglikelihood([LikelihoodRequest(msgs, "The maps are upstairs.")])
+    assert scored[0][0].content == seen[1][0].content
+    # identity: unchanged without a template (old run directories still resume), marked with one
+    assert plain.identity() == backend.identity()
+    assert templated.identity() == {**backend.identity(), "system_template": TEMPLATE}

@@ -53,6 +53,8 @@ def test_overrides_use_dotted_paths():
         ("values: [unclosed", "invalid YAML at line"),
         ("- a list", "must be a YAML mapping"),
         ("max_calls: -3", "max_calls"),
+        ("system_template: You are a librarian.", "system_template: must contain {instruction} exactly once (found 0)"),
+        ("system_template: '{instruction} and {instruction}'", "exactly once (found 2)"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path, text, needle):

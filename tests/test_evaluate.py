@@ -251,6 +251,57 @@ def test_seed_from_is_picacos_starting_instruction(tmp_path):
     assert json.loads((tmp_path / "run" / "provenance.json").read_text())["seed_instruction"] == expected
 
 
+def test_a_system_template_frames_every_method_and_must_match_the_runs(tmp_path):
+    from picaco.baselines import ValuesInstruction
+    from picaco.errors import ConfigError
+    from picaco.llm.base import fill_template
+
+    template = "You answer for the city museum.\n{instruction}"
+    roles = dict(
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    config = RunConfig(values="helpfulness-4", preset="tiny", system_template=template, **roles)
+    value_set = load_value_set("helpfulness-4")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
+    (run_dir / "accounting.json").write_text(json.dumps({"total": {"calls": 60, "cache_hits": 0}}))
+    (run_dir / "provenance.json").write_text(json.dumps({"system_template": template}))
+
+    def run(cfg, instructions, out):
+        rt = Runtime(cfg, use_cache=False)
+        backend = rt.client("target").backend
+        sent = []
+        backend.responder = lambda request: sent.append(request.messages) or "a fine answer"
+        try:
+            asyncio.run(evaluate_config(cfg, ["Q", "Q+IF"], instructions, out_dir=tmp_path / out, n_queries=2,
+                                        n_boot=50, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), value_set)))
+        finally:
+            asyncio.run(rt.aclose())
+        return sent
+
+    sent = run(config, {"picaco": run_dir}, "eval")
+    systems = {messages[0].content for messages in sent}
+    # Q is the deployment as it is (the template, empty slot); every other method fills the slot
+    assert systems == {fill_template(template, ""),
+                       fill_template(template, ValuesInstruction().system_prompt(value_set)),
+                       fill_template(template, "Be relevant, accurate, deep and clear.")}
+    assert all(m[0].role == "system" for m in sent) and len(sent) == 6
+
+    # the run's instruction was made for this template: refused under another one, or under none
+    other = config.model_copy(update={"system_template": "You sell bicycles. {instruction}"})
+    plain = config.model_copy(update={"system_template": None})
+    for cfg in (other, plain):
+        with pytest.raises(ConfigError, match="was optimized inside a system_template"):
+            run(cfg, {"picaco": run_dir}, "eval-other")
+    (run_dir / "provenance.json").write_text(json.dumps({}))
+    with pytest.raises(ConfigError, match="was optimized without a system_template"):
+        run(config, {"picaco": run_dir}, "eval-plain")
+    assert run(plain, {"picaco": run_dir}, "eval-plain")  # same (no) template: fine
+
+
 # -- the real path: SmolLM2 behind a real llama.cpp server, MiniLM for q_φ ---------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import importlib.util
+import json
 import math
 import time
 
@@ -474,3 +475,51 @@ async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, 
     })
     result = await api.optimize_async(config, run_dir=tmp_path / "run")
     assert result.mode == "likelihood"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_a_system_template_reaches_the_real_server_and_the_run_writes_what_to_deploy(
+        llama, tmp_path, monkeypatch, minilm_dir):
+    from picaco import api
+    from picaco.config import load_config
+    from picaco.data.queries import load_queries
+    from picaco.llm.base import fill_template
+
+    template = "You are the help desk of a public library.\n{instruction}\nAnswer briefly."
+    sent = []
+    real_generate, real_loglikelihood = OpenAIBackend.generate, OpenAIBackend.loglikelihood
+
+    async def generate(self, request):
+        sent.append(request.messages)
+        return await real_generate(self, request)
+
+    async def loglikelihood(self, requests):
+        sent.extend(r.messages for r in requests)
+        return await real_loglikelihood(self, requests)
+
+    monkeypatch.setattr(OpenAIBackend, "generate", generate)
+    monkeypatch.setattr(OpenAIBackend, "loglikelihood", loglikelihood)
+    config = load_config(None, {
+        "preset": "tiny",
+        "values": "helpfulness-4",
+        "target": {"backend": "openai", "base_url": llama.base_url, "model": llama.model,
+                   "likelihood": "auto", "timeout": 120},
+        "optimizer": {"backend": "fake"},
+        "optimize": {"rounds": 1, "n_queries": 1},
+        "cache": False,
+        "system_template": template,
+    })
+    result = await api.optimize_async(config, run_dir=tmp_path / "run")
+    query = load_queries("hh", "train")[0].text
+    ours = [m for m in sent if m[-1].content == query]  # the run's own requests (not the probe's)
+    assert len(ours) >= 2
+    for messages in ours:
+        assert messages[0].role == "system"
+        assert messages[0].content.startswith("You are the help desk of a public library.")
+        assert messages[0].content.endswith("Answer briefly.")
+    assert any(m[0].content == fill_template(template, "") for m in ours)  # the bare model
+    run = tmp_path / "run"
+    assert (run / "system_prompt.txt").read_text() == fill_template(template, result.instruction) + "\n"
+    texts = [json.loads(line)["text"] for line in (run / "responses.jsonl").read_text().splitlines()]
+    assert texts and any(t.strip() for t in texts)  # SmolLM2's real answers were judged and kept

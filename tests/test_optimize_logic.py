@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1009,3 +1010,42 @@ def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(t
     assert finals and {r["text"] for r in finals} == {"TERRIBLE answer"}
     # the seed's round-1 mean f, beta * W * ln 0.2 - ln q_phi (W = total value weight 4), is kept
     assert result.objective_final == result.objective_seed
+
+
+def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):
+    from picaco.llm.base import fill_template
+
+    template = "You are the front desk of a hostel in Lisbon.\n{instruction}\nKeep answers short."
+    s = Setup()
+    s.target = LLMClient("target", s.target_backend, accounting=s.accounting, system_template=template)
+    sent, scored, asked = [], [], []
+    generate, score, propose = s.target_backend.responder, s.target_backend.scorer, s.optimizer_backend.responder
+    s.target_backend.responder = lambda r: sent.append(r.messages) or generate(r)
+    s.target_backend.scorer = lambda messages, response: scored.append(messages) or score(messages, response)
+    s.optimizer_backend.responder = lambda r: asked.append(r.messages) or propose(r)
+    result = s.run(tmp_path / "run")
+
+    # every target request, sampled or scored, carried the fixed text around its instruction
+    for messages in sent + scored:
+        assert messages[0].role == "system"
+        assert messages[0].content.startswith("You are the front desk of a hostel in Lisbon.")
+        assert messages[0].content.endswith("Keep answers short.")
+    assert scored and sent
+    # the bare model of the noisy pool is the deployment without an instruction: the template alone
+    assert any(m[0].content == fill_template(template, "") for m in sent)
+    assert any(m[0].content == fill_template(template, result.seed_instruction) for m in sent)
+    # the optimizer saw the fixed part with the slot marked, and was asked for the slot's text only
+    assert asked and all("[INSTRUCTION]" in m[-1].content and "hostel in Lisbon" in m[-1].content
+                         and "Reply with the new instruction only." in m[-1].content for m in asked)
+    run = tmp_path / "run"
+    assert (run / "system_prompt.txt").read_text() == fill_template(template, result.instruction) + "\n"
+    assert (run / "instruction.txt").read_text() == result.instruction.strip() + "\n"
+    assert json.loads((run / "provenance.json").read_text())["system_template"] == template
+    assert not (reference[0] / "system_prompt.txt").exists()  # none without a template
+
+    # a run directory made without the template is not resumed with it
+    shutil.copytree(reference[0], tmp_path / "plain")
+    t = Setup()
+    t.target = LLMClient("target", t.target_backend, accounting=t.accounting, system_template=template)
+    with pytest.raises(ConfigError, match="system_template"):
+        t.run(tmp_path / "plain")

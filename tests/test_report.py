@@ -423,7 +423,8 @@ class WordRedundancy:
                 for _, y in items]
 
 
-def test_report_of_a_run_the_engine_made(tmp_path):
+@pytest.mark.parametrize("template", [None, "You work for <b>ACME</b> </textarea>.\n{instruction}"])
+def test_report_of_a_run_the_engine_made(tmp_path, template):
     def target(request: GenerateRequest) -> str:
         query = request.messages[-1].content
         return INJECTION if query == QUERIES[0].text and "care" in request.messages[0].content else (
@@ -434,7 +435,8 @@ def test_report_of_a_run_the_engine_made(tmp_path):
 
     acc = Accounting()
     kwargs = dict(
-        target=LLMClient("target", FakeBackend("fake-target", responder=target), accounting=acc),
+        target=LLMClient("target", FakeBackend("fake-target", responder=target), accounting=acc,
+                         system_template=template),
         optimizer=LLMClient("optimizer", FakeBackend("fake-opt", responder=proposer), accounting=acc),
         judge=HashJudge(), redundancy=WordRedundancy(), value_set=VALUES, queries=QUERIES,
         params=PARAMS, run_dir=tmp_path / "engine-run",
@@ -451,6 +453,13 @@ def test_report_of_a_run_the_engine_made(tmp_path):
     assert len(table_rows(html, "candidate-table")) == 2 * rounds + verdicts  # head + current + each
     assert len(table_rows(html, "round-table")) == rounds == result.rounds_completed
     assert all((result.run_dir / "figures" / f"{n}.png").is_file() for n in ("scores", "radar", "rounds"))
+    # with a template, the prompt to deploy is shown (escaped) next to the instruction, else not at all
+    if template:
+        deployed = re.search(r'<pre class="instruction" id="deployed-prompt">(.*?)</pre>', html, re.S).group(1)
+        assert deployed == str(escape((result.run_dir / "system_prompt.txt").read_text().strip()))
+        assert deployed.startswith("You work for &lt;b&gt;ACME&lt;/b&gt;") and "<b>ACME" not in html
+    else:
+        assert 'id="deployed-prompt"' not in html
 
 
 # -- in a real browser ---------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ class Gepa(SearchMethod):
         return fingerprint({
             "params": asdict(self.params), "seed": self._seed_text(value_set),
             "values": value_set.fingerprint(), "train": [q.id for q in self.train_queries],
-            "val": [q.id for q in self.valset()], "target": target.backend.identity(),
+            "val": [q.id for q in self.valset()], "target": target.identity(),
             "optimizer": self.optimizer.backend.identity(), "judge": self.optimized_against,
             "gepa": _gepa_version(),
         })

@@ -244,7 +244,7 @@ class Opro(SearchMethod):
         return fingerprint({
             "params": asdict(self.params), "seed": self._seed_text(value_set),
             "values": value_set.fingerprint(), "queries": [q.id for q in self.minibatch()],
-            "target": target.backend.identity(), "optimizer": self.optimizer.backend.identity(),
+            "target": target.identity(), "optimizer": self.optimizer.backend.identity(),
             "judge": self.optimized_against,
         })
 

@@ -255,7 +255,7 @@ async def evaluate(
     out = Path(out_dir)
     judge_identity = judge.identity()
     state = {
-        "target": target.backend.identity(),
+        "target": target.identity(),
         "judge": judge_identity,
         "redundancy": redundancy.identity() if redundancy is not None else None,
         "value_set": {"name": value_set.name, "fingerprint": value_set.fingerprint(), "ids": value_set.ids},

@@ -53,16 +53,39 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
-def provenance_judge(path: str | Path) -> dict | None:
-    """The identity of the judge a PICACO run optimized against (its provenance.json), if known."""
+def _provenance(path: str | Path) -> dict | None:
+    """The provenance.json of the PICACO run behind an instruction, if there is one."""
     p = run_dir_of(path)
     if p is None:
         return None
     try:
         prov = json.loads((p / "provenance.json").read_text(encoding="utf-8"))
-        return prov["roles"]["judge"]["identity"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return prov if isinstance(prov, dict) else None
+
+
+def provenance_judge(path: str | Path) -> dict | None:
+    """The identity of the judge a PICACO run optimized against (its provenance.json), if known."""
+    try:
+        return _provenance(path)["roles"]["judge"]["identity"]
+    except (KeyError, TypeError):
+        return None
+
+
+def check_same_template(name: str, path: str | Path, config: RunConfig) -> None:
+    """A run's instruction fills the slot of the system template it was optimized in; evaluated in
+    another template (or none) it would be measured in a deployment it was not made for."""
+    prov = _provenance(path)
+    if prov is None:
+        return
+    made_in = prov.get("system_template")
+    if made_in != config.system_template:
+        where = "inside a system_template" if made_in else "without a system_template"
+        raise ConfigError(
+            f"{name}: {path} was optimized {where}; evaluate it with the same `system_template` in the "
+            "config (to evaluate its whole deployed prompt as it is, pass its system_prompt.txt instead)"
+        )
 
 
 def _search_params(kind, label: str, config: RunConfig, max_calls: int, overrides: Mapping | None,
@@ -196,6 +219,7 @@ async def evaluate_config(
         for name in order:
             if name in instructions:
                 path = instructions[name]
+                check_same_template(name, path, config)
                 against = provenance_judge(path) or optimization_judge_identity()
                 built.append(Instruction.from_path(path, name, optimized_against=against))
             elif canonical_name(name) in ("OPRO", "GEPA"):

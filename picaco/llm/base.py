@@ -28,6 +28,24 @@ def chat(system: str | None, user: str) -> tuple[Message, ...]:
     return (Message("user", user),)
 
 
+#: where the meta-instruction goes in a config's `system_template`
+INSTRUCTION_SLOT = "{instruction}"
+
+
+def fill_template(template: str, instruction: str | None) -> str:
+    """The deployed system prompt: the fixed template with the instruction in its slot (an empty slot
+    for the bare model). A plain replace, so other braces in the template are left alone."""
+    return template.replace(INSTRUCTION_SLOT, (instruction or "").strip()).strip()
+
+
+def frame(messages: tuple[Message, ...], template: str) -> tuple[Message, ...]:
+    """The messages as the deployed model gets them: the system message (or none, the bare model)
+    becomes the template with that text in the slot."""
+    if messages and messages[0].role == "system":
+        return (Message("system", fill_template(template, messages[0].content)), *messages[1:])
+    return (Message("system", fill_template(template, None)), *messages)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do. The core checks these; it never branches on a backend's type."""

@@ -7,6 +7,7 @@ to a backend directly, so caching and counting cannot be forgotten and work the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 
@@ -19,6 +20,7 @@ from picaco.llm.base import (
     Likelihood,
     LikelihoodRequest,
     Message,
+    frame,
 )
 from picaco.llm.cache import CallCache, cache_key
 
@@ -40,9 +42,13 @@ class LLMClient:
         accounting: Accounting | None = None,
         budget: Budget | None = None,
         max_concurrency: int = 64,
+        system_template: str | None = None,
     ):
         self.role = role
         self.backend = backend
+        #: a fixed system prompt around the instruction (`system_template` in a config); every
+        #: request of this role is sent framed by it, so the cache keys the framed text
+        self.system_template = system_template
         self.cache = cache
         self.accounting = accounting if accounting is not None else Accounting()
         self.budget = budget
@@ -69,6 +75,15 @@ class LLMClient:
                         self.accounting.record_call(self.role, prompt_tokens=0, completion_tokens=0,
                                                     seconds=(time.perf_counter() - t0) / answered)
         self._probed = True
+
+    def identity(self) -> dict:
+        """The backend's identity, plus the system template when there is one (so a run or an
+        evaluation made with another template does not resume from this one's records)."""
+        ident = self.backend.identity()
+        return {**ident, "system_template": self.system_template} if self.system_template else ident
+
+    def _framed(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+        return frame(messages, self.system_template) if self.system_template else messages
 
     def has(self, capability: str) -> bool:
         return bool(getattr(self.backend.capabilities, capability))
@@ -113,6 +128,8 @@ class LLMClient:
         return list(await asyncio.gather(*(self.generate_one(r) for r in requests)))
 
     async def generate_one(self, request: GenerateRequest) -> Completion:
+        if self.system_template:
+            request = dataclasses.replace(request, messages=self._framed(request.messages))
         key = cache_key(self.backend.identity(), "generate", request.key_payload())
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.accounting.record_hit(self.role)
@@ -145,6 +162,8 @@ class LLMClient:
         """Log-likelihoods of given responses; cached per request, misses sent as one batch."""
         await self.probe()
         self.require("continuation_logprobs")
+        if self.system_template:
+            requests = [dataclasses.replace(r, messages=self._framed(r.messages)) for r in requests]
         identity = self.backend.identity()
         keys = [cache_key(identity, "loglikelihood", r.key_payload()) for r in requests]
         results: list[Likelihood | None] = [None] * len(requests)

@@ -32,7 +32,7 @@ from picaco import objective
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError
 from picaco.llm.accounting import Accounting, Budget
-from picaco.llm.base import chat
+from picaco.llm.base import chat, fill_template
 from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
 from picaco.optimize.pools import Pools, Scored
@@ -168,7 +168,9 @@ def _identity(obj) -> dict | None:
         return None
     backend = getattr(obj, "backend", None)
     if backend is not None and hasattr(backend, "identity"):
-        return {"role": getattr(obj, "role", None), **backend.identity()}
+        # a client's identity adds its system template (if any) to the backend's
+        ident = obj.identity() if callable(getattr(obj, "identity", None)) else backend.identity()
+        return {"role": getattr(obj, "role", None), **ident}
     ident = getattr(obj, "identity", None)
     if callable(ident):
         return ident()
@@ -616,8 +618,10 @@ class Engine:
                      for s in parroting_pool[: p.parroting_examples]]
         standings = proposer.order_weakest_first(self.value_set,
                                                  self.pools.value_means(self.value_ids))
+        template = getattr(self.target, "system_template", None)
         prompts = [proposer.build_meta_prompt(current, standings, good, parroting,
-                                              max_chars=p.instruction_max_chars, strategy=c)
+                                              max_chars=p.instruction_max_chars, strategy=c,
+                                              system_template=template)
                    for c in range(p.candidates)]
         keys = [f"proposal|{round}|{c}" for c in range(p.candidates)]
         missing = [c for c, k in enumerate(keys) if k not in self.candidate_records]
@@ -939,6 +943,11 @@ class Engine:
             "notes": result.notes,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        template = getattr(self.target, "system_template", None)
+        if template:
+            # what to deploy: the fixed template with the optimized instruction in its slot
+            provenance["system_template"] = template
+            self.rundir.write_text("system_prompt.txt", fill_template(template, result.instruction) + "\n")
         self.rundir.write_json("provenance.json", provenance)
         self.rundir.write_json("result.json", result.to_json())
         self._event("end", stop_reason=result.stop_reason, instruction_hash=instruction_hash(

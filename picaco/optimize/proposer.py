@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from picaco.llm.base import Message
+from picaco.llm.base import Message, fill_template
 from picaco.values import ValueSet
 
 META_SYSTEM = (
@@ -24,6 +24,8 @@ META_SYSTEM = (
 
 #: a text shorter than this after parsing counts as empty
 MIN_CHARS = 15
+#: how the optimizer is shown the slot of a `system_template`
+TEMPLATE_MARK = "[INSTRUCTION]"
 #: candidates at least this similar (difflib ratio on normalized text) are near-duplicates
 NEAR_DUPLICATE = 0.95
 #: this many consecutive words copied from an example response or query count as a leak
@@ -89,9 +91,19 @@ def build_meta_prompt(
     max_chars: int,
     n_weakest: int = 2,
     strategy: int = 0,
+    system_template: str | None = None,
 ) -> tuple[Message, ...]:
-    """The optimizer's (system, user) prompt, in plain words and short enough for a 1.5B model."""
-    parts = ["The assistant gets this system prompt:", '"""', current.strip(), '"""', ""]
+    """The optimizer's (system, user) prompt, in plain words and short enough for a 1.5B model.
+
+    With a `system_template` the optimizer is shown the fixed text around the instruction, so it
+    writes only the part in the slot and does not restate or contradict the fixed part."""
+    if system_template:
+        fixed = fill_template(system_template, TEMPLATE_MARK)
+        parts = ["The assistant's system prompt has a fixed part that stays as it is:", '"""', fixed, '"""',
+                 f"and an instruction that goes where {TEMPLATE_MARK} stands. The current instruction:",
+                 '"""', current.strip(), '"""', ""]
+    else:
+        parts = ["The assistant gets this system prompt:", '"""', current.strip(), '"""', ""]
     parts.append(
         "Its answers must honour all of these values in what they actually say and advise, "
         "not by naming them:"
@@ -109,7 +121,12 @@ def build_meta_prompt(
                   f"Question: {_clip(ex.query, 200)}", f"Answer: {_clip(ex.response)}"]
     max_words = max(20, max_chars // 7)
     directive = STRATEGIES[strategy % len(STRATEGIES)].format(max_words=max_words)
-    parts += ["", directive + ' Address the assistant as "you". Reply with the new system prompt only.']
+    if system_template:
+        directive = directive.replace("system prompt", "instruction")
+        ending = " Do not repeat the fixed part. Reply with the new instruction only."
+    else:
+        ending = " Reply with the new system prompt only."
+    parts += ["", directive + ' Address the assistant as "you".' + ending]
     return (Message("system", META_SYSTEM), Message("user", "\n".join(parts)))
 
 

@@ -12,6 +12,7 @@ Layout::
                        (a unit cut short by a kill is counted once, in the process that finished it)
     result.json        written when the run ends (also after a budget stop)
     instruction.txt    the optimized system prompt, plain text
+    system_prompt.txt  with a `system_template` only: the template with instruction.txt in its slot
     provenance.json    where it came from: values, models, judge, config hash, seed vs final scores
 
 JSONL files are append-only; every record is flushed and fsynced before the call returns, so a kill

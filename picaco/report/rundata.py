@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from picaco.llm.base import fill_template
 from picaco.errors import DataError, PicacoError
 from picaco.optimize.rundir import JSONL_FILES, RunDir
 
@@ -89,6 +90,18 @@ class RunData:
     @property
     def finished(self) -> bool:
         return self.result is not None
+
+    @property
+    def system_template(self) -> str | None:
+        """The fixed system prompt the instruction was optimized in (`system_template`), if any."""
+        target = (self.config.get("fingerprint") or {}).get("target") or {}
+        return target.get("system_template")
+
+    @property
+    def deployed_prompt(self) -> str | None:
+        """What to deploy when there is a template: the template with the instruction in its slot."""
+        template = self.system_template
+        return fill_template(template, self.final_instruction) if template else None
 
     @property
     def seed_hash(self) -> str:
