@@ -55,6 +55,12 @@ def test_overrides_use_dotted_paths():
         ("max_calls: -3", "max_calls"),
         ("system_template: You are a librarian.", "system_template: must contain {instruction} exactly once (found 0)"),
         ("system_template: '{instruction} and {instruction}'", "exactly once (found 2)"),
+        ("seed_from: URIAL", "URIAL is not a single system prompt; use one of Q+IF, MP"),  # has example turns
+        ("seed_from: Q", "Q is not a single system prompt"),  # no prompt at all
+        ("seed_from: Modular", "Modular is not a single system prompt"),
+        ("seed_from: OPRO", "OPRO is not a single system prompt"),
+        ("seed_from: Shakespeare", "unknown method 'Shakespeare'"),
+        ("seed_from: Q+IF\nseed_instruction: Be kind.", "give seed_instruction or seed_from, not both"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path, text, needle):
@@ -80,24 +86,6 @@ def test_seed_from_names_a_baselines_prompt_resolved_for_the_value_set():
     assert load_config(None, {"seed_instruction": "Be kind."}).seed_text(vs) == "Be kind."
     assert load_config(None, {}).seed_text(vs) is None  # the optimizer's default seed
 
-
-@pytest.mark.parametrize(
-    "text, needle",
-    [
-        ("seed_from: URIAL", "URIAL is not a single system prompt; use one of Q+IF, MP"),  # has example turns
-        ("seed_from: Q", "Q is not a single system prompt"),  # no prompt at all
-        ("seed_from: Modular", "Modular is not a single system prompt"),
-        ("seed_from: OPRO", "OPRO is not a single system prompt"),
-        ("seed_from: Shakespeare", "unknown method 'Shakespeare'"),
-        ("seed_from: Q+IF\nseed_instruction: Be kind.", "give seed_instruction or seed_from, not both"),
-    ],
-)
-def test_bad_seed_from_is_one_line(tmp_path, text, needle):
-    p = tmp_path / "c.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        load_config(p)
-    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_and_binary_config(tmp_path):

@@ -456,15 +456,11 @@ async def test_real_likelihood_agrees_with_embedded_backend(llama, smollm2_path)
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=0.01)
 
 
-@pytest.mark.server
-@pytest.mark.slow
-async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, tmp_path, minilm_dir):
-    # `likelihood: auto` is only resolved by probing the server; the optimizer must probe before it
-    # picks its scoring mode, or every openai target silently falls back to sampling mode.
-    from picaco import api
+def _tiny_run_config(llama, **extra):
+    """One round on one query: the real server as target (its mode found by probing), a fake optimizer."""
     from picaco.config import load_config
 
-    config = load_config(None, {
+    return load_config(None, {
         "preset": "tiny",
         "values": "helpfulness-4",
         "target": {"backend": "openai", "base_url": llama.base_url, "model": llama.model,
@@ -472,7 +468,18 @@ async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, 
         "optimizer": {"backend": "fake"},
         "optimize": {"rounds": 1, "n_queries": 1},
         "cache": False,
+        **extra,
     })
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, tmp_path, minilm_dir):
+    # `likelihood: auto` is only resolved by probing the server; the optimizer must probe before it
+    # picks its scoring mode, or every openai target silently falls back to sampling mode.
+    from picaco import api
+
+    config = _tiny_run_config(llama)
     result = await api.optimize_async(config, run_dir=tmp_path / "run")
     assert result.mode == "likelihood"
 
@@ -482,7 +489,6 @@ async def test_optimize_probes_an_openai_target_and_scores_by_likelihood(llama, 
 async def test_a_system_template_reaches_the_real_server_and_the_run_writes_what_to_deploy(
         llama, tmp_path, monkeypatch, minilm_dir):
     from picaco import api
-    from picaco.config import load_config
     from picaco.data.queries import load_queries
     from picaco.llm.base import fill_template
 
@@ -500,16 +506,7 @@ async def test_a_system_template_reaches_the_real_server_and_the_run_writes_what
 
     monkeypatch.setattr(OpenAIBackend, "generate", generate)
     monkeypatch.setattr(OpenAIBackend, "loglikelihood", loglikelihood)
-    config = load_config(None, {
-        "preset": "tiny",
-        "values": "helpfulness-4",
-        "target": {"backend": "openai", "base_url": llama.base_url, "model": llama.model,
-                   "likelihood": "auto", "timeout": 120},
-        "optimizer": {"backend": "fake"},
-        "optimize": {"rounds": 1, "n_queries": 1},
-        "cache": False,
-        "system_template": template,
-    })
+    config = _tiny_run_config(llama, system_template=template)
     result = await api.optimize_async(config, run_dir=tmp_path / "run")
     query = load_queries("hh", "train")[0].text
     ours = [m for m in sent if m[-1].content == query]  # the run's own requests (not the probe's)
