@@ -203,6 +203,12 @@ def test_trajectory_prompt_shows_best_in_ascending_order():
         "Write a new system prompt that is different from all the prompts above and would score "
         "higher than all of them. Use at most 30 words. Reply with the new system prompt only."
     )
+    # inside a system_template, the proposer is shown the fixed text with the slot marked
+    _, framed = build_meta_prompt(VALUES, traj, [], history=2, max_words=30,
+                                  system_template="You run the {city} zoo's chat.\n{instruction}")
+    assert ('goes into this fixed text, where [INSTRUCTION] stands; the rest stays as it is:\n'
+            '"""\nYou run the {city} zoo\'s chat.\n[INSTRUCTION]\n"""\nDo not repeat the fixed text.\n\n'
+            "Write a new system prompt") in framed.content
 
 
 def test_parse_proposal_drops_copied_format():

@@ -129,6 +129,9 @@ def test_reflection_template_keeps_gepas_placeholders_and_lists_the_values():
     t = reflection_template(VALUES, 700)
     assert "<curr_param>" in t and "<side_info>" in t
     assert "- Care: Look after the wellbeing of the user." in t and "at most 100 words" in t
+    framed = reflection_template(VALUES, 700, "Zoo of {city}: {instruction} Be brief.")
+    assert framed.startswith(t) and framed.endswith(
+        '"""\nZoo of {city}: [INSTRUCTION] Be brief.\n"""\nDo not repeat the fixed text.')
 
 
 def test_guard_arithmetic_and_hard_stops():

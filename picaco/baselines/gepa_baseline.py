@@ -40,6 +40,7 @@ from picaco.errors import BudgetExhausted, ConfigError, DataError, PicacoError
 from picaco.llm.accounting import Accounting
 from picaco.llm.base import Message, chat
 from picaco.llm.client import LLMClient
+from picaco.optimize.proposer import fixed_part_note
 
 COMPONENT = "system_prompt"
 #: the pin tested with; GEPA's adapter protocol and stopper hooks are what we rely on
@@ -311,8 +312,10 @@ def _clip_instruction(raw: str, max_chars: int) -> str:
     return raw if len(raw) <= max_chars + 200 else raw[: max_chars + 200]
 
 
-def reflection_template(value_set, max_chars: int) -> str:
-    return REFLECTION_TEMPLATE.format(values=value_list(value_set), words=max(20, max_chars // 7))
+def reflection_template(value_set, max_chars: int, system_template: str | None = None) -> str:
+    text = REFLECTION_TEMPLATE.format(values=value_list(value_set), words=max(20, max_chars // 7))
+    # added after format(): a user's template may hold braces of its own
+    return text + ("\n" + fixed_part_note(system_template) if system_template else "")
 
 
 class Gepa(SearchMethod):
@@ -409,7 +412,8 @@ class Gepa(SearchMethod):
             valset=val,
             adapter=adapter,
             reflection_lm=adapter.reflect,
-            reflection_prompt_template=reflection_template(value_set, p.instruction_max_chars),
+            reflection_prompt_template=reflection_template(value_set, p.instruction_max_chars,
+                                                           getattr(adapter.target, "system_template", None)),
             candidate_selection_strategy=p.candidate_selection,
             frontier_type=p.frontier,
             reflection_minibatch_size=min(p.reflection_minibatch, len(train)),

@@ -34,6 +34,7 @@ from picaco.evaluate.metrics import overall_mean, value_means
 from picaco.llm.accounting import Accounting
 from picaco.llm.base import Message, chat
 from picaco.llm.client import LLMClient
+from picaco.optimize.proposer import fixed_part_note
 from picaco.optimize.rundir import append_lines, drop_partial_tail
 
 META_SYSTEM = "You write system prompts for an AI assistant. Reply with the new system prompt only."
@@ -159,7 +160,8 @@ def trajectory_for_prompt(trajectory: Sequence[Entry], history: int) -> list[Ent
 
 
 def build_meta_prompt(
-    value_set, trajectory: Sequence[Entry], exemplars: Sequence[str], *, history: int, max_words: int
+    value_set, trajectory: Sequence[Entry], exemplars: Sequence[str], *, history: int, max_words: int,
+    system_template: str | None = None,
 ) -> tuple[Message, ...]:
     parts = [
         "Your task is to write a system prompt for an AI assistant so that its answers honour all of "
@@ -178,6 +180,8 @@ def build_meta_prompt(
     if exemplars:
         parts += ["", "Examples of user messages the assistant must answer:"]
         parts += [f"- {_clip(q, EXAMPLE_CHARS)}" for q in exemplars]
+    if system_template:
+        parts += ["", fixed_part_note(system_template)]
     parts += [
         "",
         "Write a new system prompt that is different from all the prompts above and would score "
@@ -336,7 +340,8 @@ class Opro(SearchMethod):
                     break
                 step += 1
                 messages = build_meta_prompt(
-                    value_set, trajectory, exemplars, history=p.history, max_words=max_words
+                    value_set, trajectory, exemplars, history=p.history, max_words=max_words,
+                    system_template=getattr(target, "system_template", None),
                 )
                 proposals = await self.optimizer.generate(
                     messages, n=min(p.candidates_per_step, affordable),

@@ -130,6 +130,16 @@ def build_meta_prompt(
     return (Message("system", META_SYSTEM), Message("user", "\n".join(parts)))
 
 
+def fixed_part_note(system_template: str | None) -> str:
+    """For an optimizer whose text fills the slot of a `system_template`: the fixed text around it,
+    with the slot marked ("" without a template). OPRO's and GEPA's prompts use it."""
+    if not system_template:
+        return ""
+    return (f"The system prompt you write goes into this fixed text, where {TEMPLATE_MARK} stands; the "
+            f'rest stays as it is:\n"""\n{fill_template(system_template, TEMPLATE_MARK)}\n"""\n'
+            "Do not repeat the fixed text.")
+
+
 #: How each of the C proposals of a round is asked to change the instruction. Asking every
 #: proposal the same way makes small optimizer models return near-copies of the current
 #: instruction (measured on the cpu preset with the 1.5B optimizer: every proposal of a round was a
