@@ -458,8 +458,9 @@ def test_estimate_counts_calls_per_role():
     est0 = estimate(paper_only, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3)
     assert est0.roles["target likelihood"].calls == 72  # (C+1)*N*pool = 24 per round, + 24 final
     samp = estimate(tiny, n_queries=2, n_values=3, mode="sampling", judge_calls_per_response=0)
-    # bare 4 + rounds 4 + report 2 + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
-    assert samp.roles["target generate"].calls == 30
+    # bare 4 + rounds 4 + final check 2*2 (the seed and the last instruction on fresh seeds)
+    # + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
+    assert samp.roles["target generate"].calls == 32
     assert "target likelihood" not in samp.roles
     assert "pre-flight estimate" in est.describe()
 
@@ -979,8 +980,8 @@ class WordJudge(FakeJudge):
 def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(tmp_path):
     # The seed answers BAD, "Solid" MEDIUM everywhere. "Lucky", proposed in round 2, answers GOOD on
     # exactly round 2's seeds and TERRIBLE on any other: it wins round 2 on the samples that chose it.
-    # The final check samples the last instruction on the round-1 seeds, where Lucky loses to the
-    # seed, so the seed comes back. Solid, better than both, is not considered: the rule compares
+    # The final check samples the seed and the last instruction on fresh seeds, where Lucky loses to
+    # the seed, so the seed comes back. Solid, better than both, is not considered: the rule compares
     # only e^0 and e^T (docs/method.md, "[decide] the final check in sampling mode", has the measured
     # reason for not scoring every trajectory instruction).
     from picaco.optimize.engine import derive_seed
@@ -1007,9 +1008,45 @@ def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(t
     assert [r["instruction"] for r in rounds] == [solid, lucky]  # Lucky did win its round
     assert result.instruction == seed and result.selected_round == 0
     finals = [r for r in _records(tmp_path, "responses.jsonl") if r["phase"] == "final"]
-    assert finals and {r["text"] for r in finals} == {"TERRIBLE answer"}
-    # the seed's round-1 mean f, beta * W * ln 0.2 - ln q_phi (W = total value weight 4), is kept
+    assert sorted({r["text"] for r in finals}) == ["BAD answer", "TERRIBLE answer"]  # seed and Lucky
+    round_seeds = {derive_seed(params.seed, "sample", t, q.id, j) for t in (1, 2)
+                   for q in QUERIES[:3] for j in range(params.samples_per_query)}
+    assert not {r["seed"] for r in finals} & round_seeds  # seeds no round chose anything on
+    # the seed's mean f on the final seeds is what the returned instruction scored
     assert result.objective_final == result.objective_seed
+
+
+def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_kept_it(tmp_path):
+    # The seed answers GOOD on exactly round 1's seeds and BAD on any other: it wins round 1 against
+    # "Weak" (TERRIBLE) on the samples that chose it. In round 2 "Solid" (MEDIUM everywhere) beats it.
+    # Judged by its round-1 samples the seed would look GOOD and come back; on fresh seeds it is BAD
+    # and Solid is returned.
+    from picaco.optimize.engine import derive_seed
+    seed, weak, solid = "Seed: be good.", "Weak: be dull.", "Solid: be steady."
+    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 2})
+    round1 = {derive_seed(params.seed, "sample", 1, q.id, j)
+              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+
+    def target(request: GenerateRequest) -> str:
+        system = request.messages[0].content if request.messages[0].role == "system" else ""
+        if system == seed:
+            return "GOOD answer" if request.seed in round1 else "BAD answer"
+        return {solid: "MEDIUM answer", weak: "TERRIBLE answer"}.get(system, "BAD answer")
+
+    proposals = iter([weak] * params.candidates + [solid] * params.candidates)
+
+    s = Setup()
+    s.target_backend.responder = target
+    s.optimizer_backend.responder = lambda request: next(proposals)
+    s.judge = WordJudge()
+    result = s.run(tmp_path, params, seed_instruction=seed)
+    rounds = _records(tmp_path, "rounds.jsonl")
+    assert [r["changed"] for r in rounds] == [False, True] and rounds[1]["instruction"] == solid
+    assert result.instruction == solid and result.selected_round == 2
+    assert result.objective_final > result.objective_seed
+    # the report's seed-vs-final ratings come from the same paired fresh samples: BAD against MEDIUM
+    assert all(r == pytest.approx(1 + 4 * 0.2) for r in result.ratings_seed.values())
+    assert all(r == pytest.approx(1 + 4 * 0.5) for r in result.ratings_final.values())
 
 
 def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):

@@ -569,6 +569,11 @@ class Engine:
         return [derive_seed(self.params.seed, "sample", round, query.id, j)
                 for j in range(self.params.samples_per_query)]
 
+    def _final_seeds(self, query: Query) -> list[int]:
+        """Seeds of the sampling-mode final check: used by no round, so no choice was made on them."""
+        return [derive_seed(self.params.seed, "final", query.id, j)
+                for j in range(self.params.samples_per_query)]
+
     # -- phases ----------------------------------------------------------------------------------
     async def _phase(self, name: str, round: int | None, body: Callable[[], Awaitable]):
         self._event("phase_start", phase=name, round=round)
@@ -822,12 +827,23 @@ class Engine:
         ratings_seed: dict = {}
         ratings_final: dict = {}
         tc_seed = tc_final = None
+        checked: tuple[list[Scored], list[Scored]] | None = None
         try:
             if self.pools_version >= 1:
-                selected, objective_seed, objective_final = await self._phase(
+                selected, objective_seed, objective_final, checked = await self._phase(
                     "final", None, lambda: self._select_final(trajectory, round1))
                 final = trajectory[selected]
-            if round1:
+            if checked is not None:
+                # sampling mode: the final check sampled the seed and the last choice on the same
+                # fresh seeds; those paired samples are also the seed-vs-final report
+                seed_samples, last_samples = checked
+                scores_seed, tc_seed = self.sampled_value_means(seed_samples), self.tc_of(seed_samples)
+                ratings_seed = self.sampled_rating_means(seed_samples)
+                final_samples = last_samples if selected else seed_samples
+                scores_final, tc_final = (self.sampled_value_means(final_samples),
+                                          self.tc_of(final_samples))
+                ratings_final = self.sampled_rating_means(final_samples)
+            elif round1:
                 # the final instruction is sampled on the round-1 seeds, so it is compared with
                 # the seed's round-1 responses on the same queries and random numbers
                 scores_seed, tc_seed = self.sampled_value_means(round1), self.tc_of(round1)
@@ -889,26 +905,33 @@ class Engine:
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
-        Sampling mode: mean f over all queries on the round-1 seeds, seed against the last one.
-        Ties go to the later instruction. Returns (index, seed objective, selected objective).
+        Sampling mode: mean f over all queries, the seed against the last one, both on fresh seeds.
+        Ties go to the later instruction. Returns (index, seed objective, selected objective, the
+        seed's and the last one's samples when the sampling-mode check drew them, else None).
         """
         if self.mode == "sampling":
             last = len(trajectory) - 1
-            seed_score = sampling_score(round1).score
             if last == 0 or trajectory[last] == trajectory[0]:
-                return last, _finite(seed_score), _finite(seed_score)
-            plan = [(q, self._round_seeds(1, q)) for q in self.queries]
-            final_score = sampling_score(await self._sample(
-                trajectory[last], plan, phase="final", round=last)).score
+                seed_score = sampling_score(round1).score
+                return last, _finite(seed_score), _finite(seed_score), None
+            # Both on fresh seeds that no round used: the seed's round-1 samples took part in round
+            # 1's choice (as the winner they overrate the seed, as the loser they underrate it), so
+            # they cannot judge it fairly against e^T. Common random numbers pair the two.
+            plan = [(q, self._final_seeds(q)) for q in self.queries]
+            seed_samples = await self._sample(trajectory[0], plan, phase="final", round=last)
+            last_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
+            seed_score = sampling_score(seed_samples).score
+            final_score = sampling_score(last_samples).score
             pick = last if final_score >= seed_score else 0
-            return pick, _finite(seed_score), _finite(max(seed_score, final_score))
+            return (pick, _finite(seed_score), _finite(max(seed_score, final_score)),
+                    (seed_samples, last_samples))
         scores: dict[str, float] = {}
         for i, e in enumerate(trajectory):
             if e not in scores:
                 scores[e] = (await self.score_instruction(e, len(trajectory), tag="final")).score
             self.emit("advance", phase="final", done=i + 1, total=len(trajectory))
         best = max(range(len(trajectory)), key=lambda i: (scores[trajectory[i]], i))
-        return best, scores[trajectory[0]], scores[trajectory[best]]
+        return best, scores[trajectory[0]], scores[trajectory[best]], None
 
     def _write_outputs(self, result: OptimizeResult) -> None:
         self._save_accounting()

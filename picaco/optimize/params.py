@@ -212,8 +212,9 @@ def estimate(
     gen_tokens = instr + query_tokens + params.max_new_tokens
     bare = N * params.n_bare
     enhance = N * n
-    # the final instruction is sampled once more (on round-1 seeds) for the seed-vs-final report
-    report = N * n
+    # the end: in sampling mode the final check samples the seed and the last instruction on fresh
+    # seeds (also the seed-vs-final report); otherwise the final one is sampled on round-1 seeds
+    report = 2 * N * n if mode == "sampling" else N * n
     sampling_per_round = scored * min(params.minibatch, N) * n if mode == "sampling" else 0
     target_gen = bare + T * enhance + report + T * sampling_per_round
     # the current instruction and every candidate score each pooled response; at the end, every
