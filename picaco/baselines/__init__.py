@@ -78,7 +78,7 @@ def seedable_name(name: str) -> str:
     method = SIMPLE_METHODS.get(canonical)
     if method is None or not method.seedable:
         usable = ", ".join(n for n, m in SIMPLE_METHODS.items() if m.seedable)
-        raise ConfigError(f"seed_from: {canonical} is not a single system prompt; use one of {usable}")
+        raise ConfigError(f"{canonical} is not a single system prompt; use one of {usable}")
     return canonical
 
 
