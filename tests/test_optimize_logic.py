@@ -1049,6 +1049,52 @@ def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_k
     assert all(r == pytest.approx(1 + 4 * 0.5) for r in result.ratings_final.values())
 
 
+def test_demonstrably_worse_is_a_one_sided_paired_t_test_over_queries():
+    from picaco.optimize.scoring import demonstrably_worse
+
+    def samples(fs):  # one response per query with this f
+        return [_s(f"q{i}", "t", f) for i, f in enumerate(fs)]
+
+    seed = samples([0.0, 0.0, 0.0])
+    # differences -1, -2, -3: mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464, df 2: p = 0.0371
+    assert demonstrably_worse(samples([-1.0, -2.0, -3.0]), seed)
+    # differences -1, 0, -0.5: mean -0.5, sd 0.5, t = -1.732, df 2: p = 0.1127
+    assert not demonstrably_worse(samples([-1.0, 0.0, -0.5]), seed)
+    assert demonstrably_worse(samples([-1.0, 0.0, -0.5]), seed, alpha=0.12)
+    assert not demonstrably_worse(samples([1.0, -0.5, 0.0]), seed)  # better on average
+    assert demonstrably_worse(samples([-0.1, -0.1, -0.1]), seed)  # no spread: any loss is evidence
+    assert demonstrably_worse(samples([-0.1]), samples([0.0]))  # one query: the plain comparison
+    assert demonstrably_worse(samples([None, None, None]), seed)  # nothing scored
+    assert not demonstrably_worse(samples([0.0, 0.0, 0.0]), seed)  # a tie keeps the candidate
+
+
+def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_noise(tmp_path):
+    # "Mixed" wins round 1 (GOOD on round 1's seeds). On the final check's fresh seeds it answers
+    # GOOD, TERRIBLE and MEDIUM on the three queries against the seed's MEDIUM: a lower mean f, but
+    # one query's loss against another's gain is no evidence that it is worse, so it is returned.
+    from picaco.optimize.engine import derive_seed
+    seed, mixed = "Seed: be good.", "Mixed: be varied."
+    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 1})
+    round1 = {derive_seed(params.seed, "sample", 1, q.id, j)
+              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+    on_fresh = {QUERIES[0].text: "GOOD answer", QUERIES[1].text: "TERRIBLE answer",
+                QUERIES[2].text: "MEDIUM answer"}
+
+    def target(request: GenerateRequest) -> str:
+        system = request.messages[0].content if request.messages[0].role == "system" else ""
+        if system == mixed:
+            return "GOOD answer" if request.seed in round1 else on_fresh[request.messages[-1].content]
+        return "MEDIUM answer" if system == seed else "BAD answer"
+
+    s = Setup()
+    s.target_backend.responder = target
+    s.optimizer_backend.responder = lambda request: mixed
+    s.judge = WordJudge()
+    result = s.run(tmp_path, params, seed_instruction=seed)
+    assert result.instruction == mixed and result.selected_round == 1
+    assert result.objective_final < result.objective_seed  # a lower mean, kept all the same
+
+
 def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):
     from picaco.llm.base import fill_template
 

@@ -40,6 +40,7 @@ from picaco.optimize.progress import ProgressEvent, ProgressSink, QuietProgress
 from picaco.optimize.rundir import RunDir, read_final_instruction
 from picaco.optimize.scoring import (
     CandidateScore,
+    demonstrably_worse,
     likelihood_score,
     sampling_score,
     select_mode,
@@ -905,8 +906,8 @@ class Engine:
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
-        Sampling mode: mean f over all queries, the seed against the last one, both on fresh seeds.
-        Ties go to the later instruction. Returns (index, seed objective, selected objective, the
+        Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
+        one is demonstrably worse (`scoring.demonstrably_worse`). Otherwise ties go to the later one. Returns (index, seed objective, selected objective, the
         seed's and the last one's samples when the sampling-mode check drew them, else None).
         """
         if self.mode == "sampling":
@@ -922,8 +923,10 @@ class Engine:
             last_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
             seed_score = sampling_score(seed_samples).score
             final_score = sampling_score(last_samples).score
-            pick = last if final_score >= seed_score else 0
-            return (pick, _finite(seed_score), _finite(max(seed_score, final_score)),
+            # e^T won every round it was in; the seed comes back only on evidence that e^T is worse,
+            # not on a lower mean alone: at N x n samples that difference is mostly noise
+            pick = 0 if demonstrably_worse(last_samples, seed_samples) else last
+            return (pick, _finite(seed_score), _finite(final_score if pick else seed_score),
                     (seed_samples, last_samples))
         scores: dict[str, float] = {}
         for i, e in enumerate(trajectory):

@@ -101,6 +101,30 @@ async def likelihood_score(
     )
 
 
+#: the sampling-mode final check returns the seed instead of e^T only when e^T scores below it at
+#: this one-sided level (docs/method.md, "[decide] The final check in sampling mode")
+FINAL_CHECK_ALPHA = 0.05
+
+
+def demonstrably_worse(candidate: Sequence[Scored], reference: Sequence[Scored],
+                       alpha: float = FINAL_CHECK_ALPHA) -> bool:
+    """Whether `candidate` scores below `reference` beyond sampling noise: a one-sided paired t-test
+    over queries of the per-query mean f, both sampled on the same queries and seeds. With one query
+    there is no spread to test against, and a lower mean is enough."""
+    from scipy import stats
+
+    mine, theirs = sampling_score(candidate).per_query, sampling_score(reference).per_query
+    if theirs and not mine:
+        return True  # nothing the candidate said could be scored
+    diffs = np.array([mine[q] - theirs[q] for q in mine if q in theirs])
+    if diffs.size == 0 or diffs.mean() >= 0:
+        return False
+    if diffs.size < 2 or diffs.std(ddof=1) == 0:
+        return True
+    t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(diffs.size))
+    return bool(stats.t.cdf(t, diffs.size - 1) < alpha)
+
+
 def sampling_score(responses: Sequence[Scored]) -> CandidateScore:
     """Mean f of responses sampled under a candidate (unscored responses are left out); per query the
     mean f of that query's responses. -inf when nothing could be scored."""
