@@ -977,6 +977,30 @@ class WordJudge(FakeJudge):
         return out
 
 
+FINAL_CHECK_PARAMS = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3})
+
+
+def round_seeds(params, *rounds: int) -> set[int]:
+    """The sampling seeds the given rounds use on the three train queries."""
+    from picaco.optimize.engine import derive_seed
+
+    return {derive_seed(params.seed, "sample", t, q.id, j) for t in rounds
+            for q in QUERIES[:3] for j in range(params.samples_per_query)}
+
+
+def run_scripted(tmp_path, params, seed: str, answers, proposals):
+    """A sampling-mode run whose target answers `answers(system, request)` (a marker word the
+    WordJudge rates) and whose optimizer returns `proposals(request)`."""
+    def target(request: GenerateRequest) -> str:
+        system = request.messages[0].content if request.messages[0].role == "system" else ""
+        return answers(system, request)
+
+    s = Setup()
+    s.target_backend.responder, s.optimizer_backend.responder = target, proposals
+    s.judge = WordJudge()
+    return s.run(tmp_path, params, seed_instruction=seed)
+
+
 def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(tmp_path):
     # The seed answers BAD, "Solid" MEDIUM everywhere. "Lucky", proposed in round 2, answers GOOD on
     # exactly round 2's seeds and TERRIBLE on any other: it wins round 2 on the samples that chose it.
@@ -984,14 +1008,11 @@ def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(t
     # the seed, so the seed comes back. Solid, better than both, is not considered: the rule compares
     # only e^0 and e^T (docs/method.md, "[decide] the final check in sampling mode", has the measured
     # reason for not scoring every trajectory instruction).
-    from picaco.optimize.engine import derive_seed
     seed, solid, lucky = "Seed: be good.", "Solid: be steady.", "Lucky: be bold."
-    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 2})
-    round2 = {derive_seed(params.seed, "sample", 2, q.id, j)
-              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+    params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 2})
+    round2 = round_seeds(params, 2)
 
-    def target(request: GenerateRequest) -> str:
-        system = request.messages[0].content if request.messages[0].role == "system" else ""
+    def answers(system, request):
         if system == lucky:
             return "GOOD answer" if request.seed in round2 else "TERRIBLE answer"
         return {solid: "MEDIUM answer", seed: "BAD answer"}.get(system, "BAD answer")
@@ -1000,18 +1021,13 @@ def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(t
         current = request.messages[1].content.split('"""')[1].strip()
         return solid if current == seed else lucky
 
-    s = Setup()
-    s.target_backend.responder, s.optimizer_backend.responder = target, optimizer
-    s.judge = WordJudge()
-    result = s.run(tmp_path, params, seed_instruction=seed)
+    result = run_scripted(tmp_path, params, seed, answers, optimizer)
     rounds = _records(tmp_path, "rounds.jsonl")
     assert [r["instruction"] for r in rounds] == [solid, lucky]  # Lucky did win its round
     assert result.instruction == seed and result.selected_round == 0
     finals = [r for r in _records(tmp_path, "responses.jsonl") if r["phase"] == "final"]
     assert sorted({r["text"] for r in finals}) == ["BAD answer", "TERRIBLE answer"]  # seed and Lucky
-    round_seeds = {derive_seed(params.seed, "sample", t, q.id, j) for t in (1, 2)
-                   for q in QUERIES[:3] for j in range(params.samples_per_query)}
-    assert not {r["seed"] for r in finals} & round_seeds  # seeds no round chose anything on
+    assert not {r["seed"] for r in finals} & round_seeds(params, 1, 2)  # seeds no round chose on
     # the seed's mean f on the final seeds is what the returned instruction scored
     assert result.objective_final == result.objective_seed
 
@@ -1021,25 +1037,17 @@ def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_k
     # "Weak" (TERRIBLE) on the samples that chose it. In round 2 "Solid" (MEDIUM everywhere) beats it.
     # Judged by its round-1 samples the seed would look GOOD and come back; on fresh seeds it is BAD
     # and Solid is returned.
-    from picaco.optimize.engine import derive_seed
     seed, weak, solid = "Seed: be good.", "Weak: be dull.", "Solid: be steady."
-    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 2})
-    round1 = {derive_seed(params.seed, "sample", 1, q.id, j)
-              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+    params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 2})
+    round1 = round_seeds(params, 1)
 
-    def target(request: GenerateRequest) -> str:
-        system = request.messages[0].content if request.messages[0].role == "system" else ""
+    def answers(system, request):
         if system == seed:
             return "GOOD answer" if request.seed in round1 else "BAD answer"
         return {solid: "MEDIUM answer", weak: "TERRIBLE answer"}.get(system, "BAD answer")
 
     proposals = iter([weak] * params.candidates + [solid] * params.candidates)
-
-    s = Setup()
-    s.target_backend.responder = target
-    s.optimizer_backend.responder = lambda request: next(proposals)
-    s.judge = WordJudge()
-    result = s.run(tmp_path, params, seed_instruction=seed)
+    result = run_scripted(tmp_path, params, seed, answers, lambda request: next(proposals))
     rounds = _records(tmp_path, "rounds.jsonl")
     assert [r["changed"] for r in rounds] == [False, True] and rounds[1]["instruction"] == solid
     assert result.instruction == solid and result.selected_round == 2
@@ -1072,25 +1080,18 @@ def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_no
     # "Mixed" wins round 1 (GOOD on round 1's seeds). On the final check's fresh seeds it answers
     # GOOD, TERRIBLE and MEDIUM on the three queries against the seed's MEDIUM: a lower mean f, but
     # one query's loss against another's gain is no evidence that it is worse, so it is returned.
-    from picaco.optimize.engine import derive_seed
     seed, mixed = "Seed: be good.", "Mixed: be varied."
-    params = SMALL.model_copy(update={"mode": "sampling", "minibatch": 3, "rounds": 1})
-    round1 = {derive_seed(params.seed, "sample", 1, q.id, j)
-              for q in QUERIES[:3] for j in range(params.samples_per_query)}
+    params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1})
+    round1 = round_seeds(params, 1)
     on_fresh = {QUERIES[0].text: "GOOD answer", QUERIES[1].text: "TERRIBLE answer",
                 QUERIES[2].text: "MEDIUM answer"}
 
-    def target(request: GenerateRequest) -> str:
-        system = request.messages[0].content if request.messages[0].role == "system" else ""
+    def answers(system, request):
         if system == mixed:
             return "GOOD answer" if request.seed in round1 else on_fresh[request.messages[-1].content]
         return "MEDIUM answer" if system == seed else "BAD answer"
 
-    s = Setup()
-    s.target_backend.responder = target
-    s.optimizer_backend.responder = lambda request: mixed
-    s.judge = WordJudge()
-    result = s.run(tmp_path, params, seed_instruction=seed)
+    result = run_scripted(tmp_path, params, seed, answers, lambda request: mixed)
     assert result.instruction == mixed and result.selected_round == 1
     assert result.objective_final < result.objective_seed  # a lower mean, kept all the same
 
