@@ -421,11 +421,15 @@ study_app = typer.Typer(help="The paper's studies: scaling the number of values,
 app.add_typer(study_app, name="study")
 
 
+STUDY_VALUES = "hh-balance-8"
+
+
 def _study_common(config, values, preset, methods, instruction, sets, no_cache):
-    if values is None and config is None:
-        values = "hh-balance-8"  # the paper's studies; a config file's own value set is kept
-    cfg = _config_from_flags(config, {"values": values, "preset": preset,
-                                      "cache": False if no_cache else None}, sets)
+    flags = {"values": values, "preset": preset, "cache": False if no_cache else None}
+    cfg = _config_from_flags(config, flags, sets)
+    if "values" not in cfg.model_fields_set:
+        # the paper's studies run on hh-balance-8; a value set named in the config file or a flag is kept
+        cfg = _config_from_flags(config, {**flags, "values": STUDY_VALUES}, sets)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     return cfg, names, _parse_instructions(instruction)
 

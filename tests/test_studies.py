@@ -217,3 +217,23 @@ def test_study_mistakes_are_one_line_errors(tmp_path):
     )
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "subset size 9: the value set has 8 values" in run.stderr
+
+
+def test_a_study_runs_on_hh_balance_8_unless_the_config_or_a_flag_names_a_value_set(tmp_path):
+    # a config without `values:` (bench/configs/results.yaml) once gave the studies helpfulness-4, the
+    # RunConfig default, and the scaling study stopped at size 6
+    from picaco.cli import STUDY_VALUES, _study_common
+
+    without = tmp_path / "no-values.yaml"
+    without.write_text(FAKE_CONFIG.replace("values: hh-balance-8\n", ""))
+    named = tmp_path / "named.yaml"
+    named.write_text(FAKE_CONFIG.replace("hh-balance-8", "liberalism-4"))
+
+    def values(config, flag=None):
+        cfg, _, _ = _study_common(config, flag, None, "Q", [], [], False)
+        return cfg.values
+
+    assert STUDY_VALUES == "hh-balance-8"
+    assert values(None) == values(without) == STUDY_VALUES
+    assert values(named) == "liberalism-4"
+    assert values(without, "confucianism-4") == values(named, "confucianism-4") == "confucianism-4"
