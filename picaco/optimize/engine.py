@@ -818,6 +818,11 @@ class Engine:
         self.emit("round_end", round=t, objective=record["objective"], pool_means=pool_means,
                   sampled_means=sampled_means, instruction=chosen, changed=record["changed"])
 
+    def _summarize(self, samples: list[Scored]) -> tuple[dict, float | None, dict]:
+        """What the seed-vs-final report shows of one instruction's samples: per-value scores, the
+        TC bound and the mean rating per value."""
+        return self.sampled_value_means(samples), self.tc_of(samples), self.sampled_rating_means(samples)
+
     async def finish(self, trajectory: list[str], round1: list[Scored], stop_reason: str,
                      stop_detail: str, rounds_completed: int) -> OptimizeResult:
         final = trajectory[-1]
@@ -838,24 +843,18 @@ class Engine:
                 # sampling mode: the final check sampled the seed and the last choice on the same
                 # fresh seeds; those paired samples are also the seed-vs-final report
                 seed_samples, last_samples = checked
-                scores_seed, tc_seed = self.sampled_value_means(seed_samples), self.tc_of(seed_samples)
-                ratings_seed = self.sampled_rating_means(seed_samples)
-                final_samples = last_samples if selected else seed_samples
-                scores_final, tc_final = (self.sampled_value_means(final_samples),
-                                          self.tc_of(final_samples))
-                ratings_final = self.sampled_rating_means(final_samples)
+                scores_seed, tc_seed, ratings_seed = self._summarize(seed_samples)
+                scores_final, tc_final, ratings_final = self._summarize(
+                    last_samples if selected else seed_samples)
             elif round1:
                 # the final instruction is sampled on the round-1 seeds, so it is compared with
                 # the seed's round-1 responses on the same queries and random numbers
-                scores_seed, tc_seed = self.sampled_value_means(round1), self.tc_of(round1)
-                ratings_seed = self.sampled_rating_means(round1)
+                scores_seed, tc_seed, ratings_seed = self._summarize(round1)
                 final_samples = await self._phase(
                     "report", None,
                     lambda: self._sample(final, [(q, self._round_seeds(1, q)) for q in self.queries],
                                          phase="report", round=len(trajectory)))
-                scores_final, tc_final = (self.sampled_value_means(final_samples),
-                                          self.tc_of(final_samples))
-                ratings_final = self.sampled_rating_means(final_samples)
+                scores_final, tc_final, ratings_final = self._summarize(final_samples)
                 if (final != self.seed_instruction and tc_seed is not None
                         and tc_final is not None and tc_final < tc_seed):
                     # The pooled likelihood objective is only a proxy for the total-correlation
