@@ -73,14 +73,21 @@ async def optimize_async(
     run_dir: str | Path | None = None,
     progress=None,
     runtime: Runtime | None = None,
+    refinish: bool = False,
 ):
-    """Run (or resume) a PICACO optimization; returns the engine's `OptimizeResult`."""
+    """Run (or resume) a PICACO optimization; returns the engine's `OptimizeResult`.
+
+    `refinish=True` on a finished run keeps its rounds and runs the final check and the report again
+    (after an upgrade that changed them); the old outputs move to RUN_DIR/previous/N/."""
     from picaco.optimize import optimize as run_engine
     from picaco.optimize.engine import probe_clients
+    from picaco.optimize.rundir import require_finished
 
     value_set, queries = load_inputs(config, "train")
     params = config.params()
     run_dir = Path(run_dir) if run_dir is not None else (config.run_dir or default_run_dir(config))
+    if refinish:
+        require_finished(run_dir)  # before any model is loaded
     own_runtime = runtime is None
     rt = runtime or Runtime(config)
     try:
@@ -104,6 +111,7 @@ async def optimize_async(
             budget=rt.budget,
             config=config,
             startup_cost=startup_cost,
+            refinish=refinish,
         )
     finally:
         if own_runtime:

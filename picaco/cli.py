@@ -219,6 +219,7 @@ def optimize(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="Progress events as JSON lines on stderr, the result as JSON on stdout."),
+    refinish: bool = typer.Option(False, "--refinish", help="End a finished run again: keep its rounds, redo the final check and report with this version (old outputs move to RUN_DIR/previous/N/)."),
 ) -> None:
     """Optimize a meta-instruction (system prompt) for a value set.
 
@@ -226,6 +227,7 @@ def optimize(
       picaco optimize --preset cpu --values helpfulness-4 -o runs/help
       picaco optimize -c picaco.yaml --set optimize.T=5 --max-calls 20000
       picaco optimize -o runs/help            # after a crash: resumes where it stopped
+      picaco optimize -o runs/help --refinish # after an upgrade: the final check again, rounds kept
     """
     from picaco import api
     from picaco.optimize.progress import make_progress
@@ -238,7 +240,7 @@ def optimize(
     }
     cfg = _config_from_flags(config, overrides, sets)
     progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
-    result = api.optimize(cfg, run_dir=run_dir, progress=progress)
+    result = api.optimize(cfg, run_dir=run_dir, progress=progress, refinish=refinish)
     report_path = _auto_report(result.run_dir)
     if as_json:
         print(json.dumps({"event": "result", **result.to_json(), "report": str(report_path or "")}))

@@ -529,6 +529,7 @@ CLI_CASES = [
     (["optimize", "--config", "inline_key.yaml", "-o", "RUN"], ["api_key_env"]),
     (["optimize", "--config", "keyenv.yaml", "--preset", "tiny", "-o", "RUN"], ["PICACO_NO_SUCH_VAR"]),
     (["optimize", "--set", "optimize.rounds=-1", "-o", "RUN"], ["rounds"]),
+    (["optimize", "--preset", "tiny", "--refinish", "-o", "RUN"], ["refinish:", "holds no finished run"]),
     (["optimize", "--values", "dupvalues.yaml", "-o", "RUN"], ["dupvalues.yaml", "duplicate value ids: care"]),
     (["optimize", "--values", "novalues.yaml", "-o", "RUN"], ["novalues.yaml", "at least one value"]),
     (["optimize", "--values", "good_values.yaml", "--queries", "dupids.jsonl", "-o", "RUN"],

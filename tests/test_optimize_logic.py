@@ -569,6 +569,36 @@ def test_rerunning_a_finished_run_makes_no_calls(reference, tmp_path):
     assert s.optimizer_backend.generate_calls == 0 and s.judge.items == 0
 
 
+def test_refinish_keeps_the_rounds_redoes_the_end_and_keeps_the_old_outputs(reference, tmp_path):
+    # a run finished by an older picaco whose end chose differently (here: it returned the seed)
+    ref_dir, result, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    old = json.loads((run_dir / "result.json").read_text())
+    old.update(instruction=old["seed_instruction"], selected_round=0)
+    (run_dir / "result.json").write_text(json.dumps(old))
+    (run_dir / "instruction.txt").write_text(old["seed_instruction"] + "\n")
+    rounds_before = (run_dir / "rounds.jsonl").read_text()
+
+    s = Setup()
+    assert s.run(run_dir).instruction == old["seed_instruction"]  # without the flag: the stored result
+    again = s.run(run_dir, refinish=True)
+    assert _comparable(again) == _comparable(result)  # this code's end, on the recorded rounds
+    assert s.optimizer_backend.generate_calls == 0  # no round was redone
+    assert (run_dir / "rounds.jsonl").read_text() == rounds_before
+    assert json.loads((run_dir / "previous" / "1" / "result.json").read_text()) == old
+    assert (run_dir / "previous" / "1" / "instruction.txt").read_text() == old["seed_instruction"] + "\n"
+    assert (run_dir / "instruction.txt").read_text().strip() == result.instruction
+    assert [e for e in _records(run_dir, "events.jsonl") if e["event"] == "refinish"][-1]["archived"] == (
+        "previous/1")
+    Setup().run(run_dir, refinish=True)
+    assert (run_dir / "previous" / "2" / "result.json").exists()  # each refinish keeps what it replaced
+
+    with pytest.raises(ConfigError, match="refinish: .* holds no finished run"):
+        Setup().run(tmp_path / "never-ran", refinish=True)
+    assert not (tmp_path / "never-ran").exists()
+
+
 def test_same_seed_same_result_in_a_new_directory(reference, tmp_path):
     _, result, _ = reference
     assert _comparable(Setup().run(tmp_path)) | {"run_dir": None} == _comparable(result) | {

@@ -37,7 +37,7 @@ from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.progress import ProgressEvent, ProgressSink, QuietProgress
-from picaco.optimize.rundir import RunDir, read_final_instruction
+from picaco.optimize.rundir import RunDir, read_final_instruction, require_finished
 from picaco.optimize.scoring import (
     CandidateScore,
     demonstrably_worse,
@@ -277,7 +277,9 @@ class Engine:
         warnings: list[str] | None = None,
         run_config: dict | None = None,
         startup_cost: dict | None = None,
+        refinish: bool = False,
     ):
+        self.refinish = refinish
         self.target = target
         self.optimizer = optimizer
         self.judge = judge
@@ -741,6 +743,11 @@ class Engine:
         resumed = self.rundir.open(self.config())
         self._load()
         stored = self.rundir.read_json("result.json")
+        if stored is not None and stored.get("stop_reason") != "budget" and self.refinish:
+            # the rounds stay as recorded; the final check and report run again with this code
+            archived = self.rundir.archive_result()
+            self._event("refinish", archived=str(archived.relative_to(self.rundir.path)))
+            stored = None
         if stored is not None and stored.get("stop_reason") != "budget":
             result = OptimizeResult.from_json(stored)
             result.run_dir = self.rundir.path
@@ -1076,6 +1083,7 @@ async def optimize(
     budget: Budget | None = None,
     config=None,
     startup_cost: dict | None = None,
+    refinish: bool = False,
 ) -> OptimizeResult:
     """Optimize one meta-instruction for `value_set` with PICACO; resumable in `run_dir`.
 
@@ -1083,7 +1091,9 @@ async def optimize(
     `config` (optional) the caller's resolved configuration (a RunConfig or a dict), stored in
     config.json for reading.
     Rerunning with the same arguments on the same run directory resumes (or returns the finished
-    result); a different configuration there is a ConfigError.
+    result); a different configuration there is a ConfigError. `refinish` ends a finished run again:
+    its rounds are kept, the final check and the report run with this code, and the old outputs move
+    to previous/N/.
     """
     if isinstance(params, str):
         if params not in PRESETS:
@@ -1091,12 +1101,14 @@ async def optimize(
         params = PRESETS[params]
     seed, source = _resolve_seed(value_set, seed_instruction, init_from)
     used, warnings = _select_queries(queries, params)
+    if refinish:
+        require_finished(run_dir)
     rundir = RunDir(run_dir)
     engine = Engine(
         target=target, optimizer=optimizer, judge=judge, redundancy=adapt_redundancy(redundancy, value_set),
         value_set=value_set, queries=used, params=params, run_dir=rundir, seed_instruction=seed,
         init_from=source, proxy=proxy, progress=progress, budget=budget, warnings=warnings,
-        run_config=_public_config(config), startup_cost=startup_cost,
+        run_config=_public_config(config), startup_cost=startup_cost, refinish=refinish,
     )
     try:
         return await engine.run()

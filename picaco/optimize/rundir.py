@@ -14,6 +14,7 @@ Layout::
     instruction.txt    the optimized system prompt, plain text
     system_prompt.txt  with a `system_template` only: the template with instruction.txt in its slot
     provenance.json    where it came from: values, models, judge, config hash, seed vs final scores
+    previous/N/        the outputs of a finished run before its Nth `--refinish` (nothing is deleted)
 
 JSONL files are append-only; every record is flushed and fsynced before the call returns, so a kill
 loses at most the record being written. Records that belong together (one query's samples, judged as
@@ -34,6 +35,9 @@ from pathlib import Path
 from picaco.errors import ConfigError, DataError
 
 JSONL_FILES = ("events.jsonl", "responses.jsonl", "candidates.jsonl", "rounds.jsonl")
+#: what a finished run writes at its end; a refinish moves them to previous/N/ and writes them anew
+RESULT_FILES = ("result.json", "instruction.txt", "system_prompt.txt", "provenance.json", "report.html",
+                "figures")
 
 
 def _dumps(obj) -> str:
@@ -208,6 +212,17 @@ class RunDir:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def archive_result(self) -> Path:
+        """Move the finished run's outputs to previous/N/ (N = 1, 2, ...) so the run can end again."""
+        previous = self.path / "previous"
+        n = 1 + max((int(p.name) for p in previous.glob("*") if p.name.isdigit()), default=0)
+        dest = previous / str(n)
+        dest.mkdir(parents=True)
+        for name in RESULT_FILES:
+            if (self.path / name).exists():
+                os.replace(self.path / name, dest / name)
+        return dest
+
     def read_json(self, name: str) -> dict | None:
         path = self.path / name
         if not path.exists():
@@ -216,6 +231,12 @@ class RunDir:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def require_finished(path: Path | str) -> None:
+    """A refinish needs a run that ended: a one-line error otherwise, before anything is created."""
+    if not (Path(path) / "result.json").exists():
+        raise ConfigError(f"refinish: {path} holds no finished run (no result.json)")
 
 
 def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> list[str]:
