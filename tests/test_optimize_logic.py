@@ -1060,6 +1060,9 @@ def test_sampling_mode_final_check_compares_the_last_instruction_with_the_seed(t
     assert not {r["seed"] for r in finals} & round_seeds(params, 1, 2)  # seeds no round chose on
     # the seed's mean f on the final seeds is what the returned instruction scored
     assert result.objective_final == result.objective_seed
+    # TERRIBLE below BAD on every query by the same amount: no spread, so p = 0
+    assert any(n.startswith("final check") and "p = 0.000" in n and n.endswith("the seed is returned")
+               for n in result.notes)
 
 
 def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_kept_it(tmp_path):
@@ -1088,12 +1091,16 @@ def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_k
 
 
 def test_demonstrably_worse_is_a_one_sided_paired_t_test_over_queries():
-    from picaco.optimize.scoring import demonstrably_worse
+    from picaco.optimize.scoring import demonstrably_worse, worse_p_value
 
     def samples(fs):  # one response per query with this f
         return [_s(f"q{i}", "t", f) for i, f in enumerate(fs)]
 
     seed = samples([0.0, 0.0, 0.0])
+    assert worse_p_value(samples([-1.0, -2.0, -3.0]), seed) == pytest.approx(0.0371, abs=1e-4)
+    assert worse_p_value(samples([-1.0, 0.0, -0.5]), seed) == pytest.approx(0.1127, abs=1e-4)
+    # differences 1, -0.5, 0: mean 1/6, sd 0.7638, t = +0.378, df 2: p = 0.6291
+    assert worse_p_value(samples([1.0, -0.5, 0.0]), seed) == pytest.approx(0.6291, abs=1e-4)
     # differences -1, -2, -3: mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464, df 2: p = 0.0371
     assert demonstrably_worse(samples([-1.0, -2.0, -3.0]), seed)
     # differences -1, 0, -0.5: mean -0.5, sd 0.5, t = -1.732, df 2: p = 0.1127
@@ -1124,6 +1131,10 @@ def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_no
     result = run_scripted(tmp_path, params, seed, answers, lambda request: mixed)
     assert result.instruction == mixed and result.selected_round == 1
     assert result.objective_final < result.objective_seed  # a lower mean, kept all the same
+    # the result says why, with the numbers of the check
+    [note] = [n for n in result.notes if n.startswith("final check")]
+    assert f"round 1's instruction {result.objective_final:.3f}, of the seed {result.objective_seed:.3f}" in note
+    assert note.endswith("round 1's instruction is kept") and "p = 0." in note
 
 
 def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):

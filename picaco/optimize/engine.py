@@ -39,11 +39,12 @@ from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.progress import ProgressEvent, ProgressSink, QuietProgress
 from picaco.optimize.rundir import RunDir, read_final_instruction, require_finished
 from picaco.optimize.scoring import (
+    FINAL_CHECK_ALPHA,
     CandidateScore,
-    demonstrably_worse,
     likelihood_score,
     sampling_score,
     select_mode,
+    worse_p_value,
 )
 from picaco.values import ValueSet
 
@@ -913,7 +914,8 @@ class Engine:
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
         Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
-        one is demonstrably worse (`scoring.demonstrably_worse`). Otherwise ties go to the later one. Returns (index, seed objective, selected objective, the
+        one is demonstrably worse (`scoring.worse_p_value` below FINAL_CHECK_ALPHA; the result's notes
+        give the numbers). Otherwise ties go to the later one. Returns (index, seed objective, selected objective, the
         seed's and the last one's samples when the sampling-mode check drew them, else None).
         """
         if self.mode == "sampling":
@@ -931,7 +933,13 @@ class Engine:
             final_score = sampling_score(last_samples).score
             # e^T won every round it was in; the seed comes back only on evidence that e^T is worse,
             # not on a lower mean alone: at N x n samples that difference is mostly noise
-            pick = 0 if demonstrably_worse(last_samples, seed_samples) else last
+            p = worse_p_value(last_samples, seed_samples)
+            pick = 0 if p < FINAL_CHECK_ALPHA else last
+            self.notes.append(
+                f"final check on fresh seeds over {len(self.queries)} queries: mean f of round {last}'s "
+                f"instruction {final_score:.3f}, of the seed {seed_score:.3f}; one-sided paired t-test "
+                f"that it is worse: p = {p:.3f} (alpha {FINAL_CHECK_ALPHA}): "
+                + ("the seed is returned" if pick == 0 else f"round {last}'s instruction is kept"))
             return (pick, _finite(seed_score), _finite(final_score if pick else seed_score),
                     (seed_samples, last_samples))
         scores: dict[str, float] = {}

@@ -106,23 +106,29 @@ async def likelihood_score(
 FINAL_CHECK_ALPHA = 0.05
 
 
-def demonstrably_worse(candidate: Sequence[Scored], reference: Sequence[Scored],
-                       alpha: float = FINAL_CHECK_ALPHA) -> bool:
-    """Whether `candidate` scores below `reference` beyond sampling noise: a one-sided paired t-test
-    over queries of the per-query mean f, both sampled on the same queries and seeds. With one query
-    there is no spread to test against, and a lower mean is enough."""
+def worse_p_value(candidate: Sequence[Scored], reference: Sequence[Scored]) -> float:
+    """The p value of "`candidate` scores below `reference`": a one-sided paired t-test over queries
+    of the per-query mean f, both sampled on the same queries and seeds. Without a spread to test
+    against (one query, or the same difference on every query) the sign decides: 0 for a loss, 1
+    otherwise. Nothing of the candidate's scored while the reference's was: 0."""
     from scipy import stats
 
     mine, theirs = sampling_score(candidate).per_query, sampling_score(reference).per_query
     if theirs and not mine:
-        return True  # nothing the candidate said could be scored
+        return 0.0
     diffs = np.array([mine[q] - theirs[q] for q in mine if q in theirs])
-    if diffs.size == 0 or diffs.mean() >= 0:
-        return False
+    if diffs.size == 0:
+        return 1.0
     if diffs.size < 2 or diffs.std(ddof=1) == 0:
-        return True
+        return 0.0 if diffs.mean() < 0 else 1.0
     t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(diffs.size))
-    return bool(stats.t.cdf(t, diffs.size - 1) < alpha)
+    return float(stats.t.cdf(t, diffs.size - 1))
+
+
+def demonstrably_worse(candidate: Sequence[Scored], reference: Sequence[Scored],
+                       alpha: float = FINAL_CHECK_ALPHA) -> bool:
+    """Whether `candidate` scores below `reference` beyond sampling noise (`worse_p_value` < alpha)."""
+    return worse_p_value(candidate, reference) < alpha
 
 
 def sampling_score(responses: Sequence[Scored]) -> CandidateScore:
