@@ -915,8 +915,9 @@ class Engine:
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
         Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
         one is demonstrably worse (`scoring.worse_p_value` below FINAL_CHECK_ALPHA; the result's notes
-        give the numbers). Otherwise ties go to the later one. Returns (index, seed objective, selected objective, the
-        seed's and the last one's samples when the sampling-mode check drew them, else None).
+        give the numbers). Otherwise ties go to the later one. Returns (index, seed objective,
+        selected objective, the seed's and the last one's samples when the sampling-mode check drew
+        them, else None).
         """
         if self.mode == "sampling":
             last = len(trajectory) - 1
