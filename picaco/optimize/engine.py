@@ -744,12 +744,13 @@ class Engine:
         resumed = self.rundir.open(self.config())
         self._load()
         stored = self.rundir.read_json("result.json")
-        if stored is not None and stored.get("stop_reason") != "budget" and self.refinish:
+        finished = stored is not None and stored.get("stop_reason") != "budget"
+        if finished and self.refinish:
             # the rounds stay as recorded; the final check and report run again with this code
             archived = self.rundir.archive_result()
             self._event("refinish", archived=str(archived.relative_to(self.rundir.path)))
-            stored = None
-        if stored is not None and stored.get("stop_reason") != "budget":
+            finished = False
+        if finished:
             result = OptimizeResult.from_json(stored)
             result.run_dir = self.rundir.path
             self.emit("run_start", **self._start_data(resumed))
