@@ -370,9 +370,12 @@ def test_meta_prompt_lists_weakest_values_first_and_stays_short():
     assert "Honoured least so far: Honesty, Care." in user
     assert "at most 100 words" in user
     assert len(user.split()) < 250
-    # the default seed instruction lists every value by title and passes the leak check
+    # the default seed instruction lists every value by title, without the definitions the Q+IF
+    # prompt adds (the default by decision: docs/method.md, "The seed instruction and warm starts"),
+    # and passes the leak check
     seed = proposer.default_seed_instruction(VALUES)
     assert "Care, Honesty and Caution" in seed
+    assert not any(v.definition in seed for v in VALUES.values)
     assert proposer.find_leak(seed) is None
 
 
