@@ -1093,27 +1093,30 @@ def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_k
     assert all(r == pytest.approx(1 + 4 * 0.5) for r in result.ratings_final.values())
 
 
-def test_demonstrably_worse_is_a_one_sided_paired_t_test_over_queries():
-    from picaco.optimize.scoring import demonstrably_worse, worse_p_value
+def test_worse_p_value_is_a_one_sided_paired_t_test_over_queries():
+    from picaco.optimize.scoring import FINAL_CHECK_ALPHA, worse_p_value
 
     def samples(fs):  # one response per query with this f
         return [_s(f"q{i}", "t", f) for i, f in enumerate(fs)]
 
+    def worse(candidate, reference):  # the final check's rule: the seed comes back below alpha
+        return worse_p_value(candidate, reference) < FINAL_CHECK_ALPHA
+
     seed = samples([0.0, 0.0, 0.0])
+    # differences -1, -2, -3: mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464, df 2: p = 0.0371
     assert worse_p_value(samples([-1.0, -2.0, -3.0]), seed) == pytest.approx(0.0371, abs=1e-4)
+    # differences -1, 0, -0.5: mean -0.5, sd 0.5, t = -1.732, df 2: p = 0.1127
     assert worse_p_value(samples([-1.0, 0.0, -0.5]), seed) == pytest.approx(0.1127, abs=1e-4)
     # differences 1, -0.5, 0: mean 1/6, sd 0.7638, t = +0.378, df 2: p = 0.6291
     assert worse_p_value(samples([1.0, -0.5, 0.0]), seed) == pytest.approx(0.6291, abs=1e-4)
-    # differences -1, -2, -3: mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464, df 2: p = 0.0371
-    assert demonstrably_worse(samples([-1.0, -2.0, -3.0]), seed)
-    # differences -1, 0, -0.5: mean -0.5, sd 0.5, t = -1.732, df 2: p = 0.1127
-    assert not demonstrably_worse(samples([-1.0, 0.0, -0.5]), seed)
-    assert demonstrably_worse(samples([-1.0, 0.0, -0.5]), seed, alpha=0.12)
-    assert not demonstrably_worse(samples([1.0, -0.5, 0.0]), seed)  # better on average
-    assert demonstrably_worse(samples([-0.1, -0.1, -0.1]), seed)  # no spread: any loss is evidence
-    assert demonstrably_worse(samples([-0.1]), samples([0.0]))  # one query: the plain comparison
-    assert demonstrably_worse(samples([None, None, None]), seed)  # nothing scored
-    assert not demonstrably_worse(samples([0.0, 0.0, 0.0]), seed)  # a tie keeps the candidate
+    assert FINAL_CHECK_ALPHA == 0.05
+    assert worse(samples([-1.0, -2.0, -3.0]), seed)
+    assert not worse(samples([-1.0, 0.0, -0.5]), seed)
+    assert not worse(samples([1.0, -0.5, 0.0]), seed)  # better on average
+    assert worse(samples([-0.1, -0.1, -0.1]), seed)  # no spread: any loss is evidence
+    assert worse(samples([-0.1]), samples([0.0]))  # one query: the plain comparison
+    assert worse_p_value(samples([None, None, None]), seed) == 0.0  # nothing scored
+    assert not worse(samples([0.0, 0.0, 0.0]), seed)  # a tie keeps the candidate
 
 
 def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_noise(tmp_path):

@@ -125,12 +125,6 @@ def worse_p_value(candidate: Sequence[Scored], reference: Sequence[Scored]) -> f
     return float(stats.t.cdf(t, diffs.size - 1))
 
 
-def demonstrably_worse(candidate: Sequence[Scored], reference: Sequence[Scored],
-                       alpha: float = FINAL_CHECK_ALPHA) -> bool:
-    """Whether `candidate` scores below `reference` beyond sampling noise (`worse_p_value` < alpha)."""
-    return worse_p_value(candidate, reference) < alpha
-
-
 def sampling_score(responses: Sequence[Scored]) -> CandidateScore:
     """Mean f of responses sampled under a candidate (unscored responses are left out); per query the
     mean f of that query's responses. -inf when nothing could be scored."""
