@@ -196,7 +196,8 @@ def _config_from_flags(config: Optional[Path], overrides: dict, sets: list[str])
 
 def print_accounting(accounting_json: dict) -> None:
     table = Table("role", "calls", "cache hits", "prompt tok", "completion tok", "seconds", "retries", title="model calls")
-    for role, s in accounting_json.items():
+    rows = sorted(accounting_json.items(), key=lambda item: item[0] == "total")  # the total last
+    for role, s in rows:
         table.add_row(role, f"{s['calls']:,}", f"{s['cache_hits']:,}", f"{s['prompt_tokens']:,}",
                       f"{s['completion_tokens']:,}", f"{s['seconds']:.1f}", str(s.get("retries", 0)))
     err.print(table)

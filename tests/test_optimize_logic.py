@@ -31,7 +31,7 @@ from picaco.optimize import (
     select_mode,
 )
 from picaco.optimize import proposer
-from picaco.optimize.engine import fingerprint_params
+from picaco.optimize.engine import UNFINISHED, fingerprint_params
 from picaco.optimize.params import preset
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.rundir import RunDir
@@ -654,6 +654,57 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(reference, tmp_path,
         before["responses"] == 0)
     events = [e["event"] for e in _records(tmp_path, "events.jsonl")]
     assert events[0] == "start" and "resume" in events
+
+
+def test_a_failing_endpoint_leaves_its_paid_calls_and_faults_in_accounting_json(reference, tmp_path):
+    """Exit 3 (a BackendError) mid-run: accounting.json shows the calls paid for by the units that
+    failed and the faults that stopped the run, in its "unfinished units" row, apart from the totals
+    (which stay those of the finished work, as after a kill); the row survives the resume."""
+    from picaco.errors import BackendError
+    from picaco.llm.accounting import report_fault
+
+    _, ref_result, ref_setup = reference
+    fail_from = ref_setup.trip.counts["target"] // 4  # in round 1, where each unit samples anew
+    seen = {"calls": 0, "failures": 0}
+    asked: dict[str, int] = {}
+
+    def flaky(request):
+        # from then on, a query's second sample under an instruction fails: its
+        # unit has paid for the first one when it fails
+        seen["calls"] += 1
+        prompt = json.dumps([[m.role, m.content] for m in request.messages])
+        asked[prompt] = asked.get(prompt, 0) + 1
+        if seen["calls"] >= fail_from and asked[prompt] >= 2:
+            seen["failures"] += 1
+            report_fault("server_error", 3)
+            report_fault("retries", 2)
+            raise BackendError("HTTP 503 after 3 attempts")
+        return default_responder(request)
+
+    broken = Setup()
+    broken.target_backend.responder = flaky
+    broken.target_backend.reports_call_faults = True  # faults reported per call, as the openai backend does
+    with pytest.raises(BackendError):
+        broken.run(tmp_path)
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    paid = broken.accounting.total().calls
+    unfinished = acc[UNFINISHED]
+    assert seen["failures"] >= 1 and 0 < acc["total"]["calls"] < paid
+    # every call paid for is in a finished unit's record or in the failed units' row
+    assert acc["total"]["calls"] + unfinished["calls"] == paid
+    assert unfinished["faults"] == {"server_error": 3 * seen["failures"]}
+    assert unfinished["retries"] == 2 * seen["failures"]
+    assert acc["total"]["faults"] == {}  # the faults are not in the finished work's total
+    failed = [e for e in _records(tmp_path, "events.jsonl") if e["event"] == "unit_failed"]
+    assert failed and {e["error"] for e in failed} <= {"BackendError", "CancelledError"}
+
+    healed = Setup()
+    result = healed.run(tmp_path)
+    assert _comparable(result) == _comparable(ref_result)
+    after = json.loads((tmp_path / "accounting.json").read_text())
+    assert after[UNFINISHED] == unfinished
+    # the totals are those of the uninterrupted run: what OPRO's budget is read from
+    assert after["total"]["calls"] == ref_result.accounting["total"]["calls"]
 
 
 def test_budget_cap_is_never_exceeded_and_the_run_stops_cleanly(reference, tmp_path):

@@ -105,6 +105,10 @@ def _count_units_too(acc: Accounting) -> None:
     acc._picaco_units = True
 
 
+#: accounting.json's row for the requests of units that failed (see Engine.unfinished)
+UNFINISHED = "unfinished units"
+
+
 def _cost_json(cost: Accounting) -> dict:
     return {role: stats for role, stats in cost.to_json().items() if role != "total"}
 
@@ -311,10 +315,14 @@ class Engine:
         self.prior_accounting: dict = {}
         #: requests of every recorded unit of work, all processes of the run: a request made for a
         #: unit that a kill cut short is not in it, and the unit's redo is, so the totals (requests =
-        #: calls + cache hits) are those of an uninterrupted run
+        #: calls + cache hits) are those of an uninterrupted run (OPRO's budget is read from them)
         self.recorded = Accounting()
         if startup_cost:
             self.recorded.merge_json(startup_cost)  # this process's capability probes
+        #: requests of units that failed with an exception (an endpoint that kept failing, a spent
+        #: budget, Ctrl-C), all processes: paid for and redone later, so kept apart from the totals;
+        #: their faults are why the run stopped (accounting.json's "unfinished units")
+        self.unfinished = Accounting()
         self._baseline: dict[int, dict] = {}
         self._mark_accounting_baseline()
         for acc in self._accountings():
@@ -394,8 +402,12 @@ class Engine:
         self._baseline = {id(a): a.to_json() for a in self._accountings()}
 
     def accounting_json(self) -> dict:
-        """Counts of this run: the requests of every recorded unit of work, all processes together."""
-        return self.recorded.to_json()
+        """Counts of this run: the requests of every recorded unit of work, all processes together,
+        and when some unit failed, the "unfinished units" row (not in the total)."""
+        data = self.recorded.to_json()
+        if not self.unfinished.roles:
+            return data
+        return data | {UNFINISHED: self.unfinished.total().to_json()}
 
     def _add_cost(self, record: dict, cost: Accounting) -> None:
         record["cost"] = _cost_json(cost)
@@ -406,6 +418,23 @@ class Engine:
         now = sum(a.total().calls for a in self._accountings())
         before = sum(b.get("total", {}).get("calls", 0) for b in self._baseline.values())
         return prior + now - before
+
+    @contextlib.contextmanager
+    def _unit(self):
+        """`unit_cost()` for one unit of work whose requests are kept even when it fails: the calls
+        it paid for and the faults it met are recorded as a `unit_failed` event before the error
+        goes on, and shown as the "unfinished units" row of accounting.json."""
+        with unit_cost() as cost:
+            try:
+                yield cost
+            except BaseException as e:
+                spent = cost.total()
+                if spent.calls or spent.cache_hits or spent.retries or spent.faults:
+                    data = _cost_json(cost)
+                    self.rundir.append("events.jsonl", {"event": "unit_failed", "time": time.time(),
+                                                        "error": type(e).__name__, "cost": data})
+                    self.unfinished.merge_json(data)
+                raise
 
     def _save_accounting(self) -> None:
         self.rundir.write_json("accounting.json", self.accounting_json())
@@ -448,6 +477,9 @@ class Engine:
                     self.recorded.merge_json(r["cost"])
         for r in self.rundir.records("rounds.jsonl"):
             self.round_records[int(r["round"])] = r
+        for r in self.rundir.records("events.jsonl"):
+            if r.get("event") == "unit_failed" and "cost" in r:
+                self.unfinished.merge_json(r["cost"])
         if not costed and (self.responses or self.candidate_records):
             # a run directory from before per-unit costs: its accounting.json is the best record
             self.recorded.merge_json(self.rundir.read_json("accounting.json") or {})
@@ -479,7 +511,7 @@ class Engine:
         keys = [self._response_key(ihash, query.id, s) for s in seeds]
         missing = [j for j, k in enumerate(keys) if k not in self.responses]
         if missing:
-            with unit_cost() as cost:
+            with self._unit() as cost:
                 records = await self._sample_missing(instruction, ihash, query, keys, seeds, missing,
                                                      phase=phase, round=round, judge=judge)
             self._add_cost(records[0], cost)
@@ -636,7 +668,7 @@ class Engine:
         missing = [c for c, k in enumerate(keys) if k not in self.candidate_records]
         if missing:
             async def one(c: int) -> None:
-                with unit_cost() as cost:
+                with self._unit() as cost:
                     (out,) = await self.optimizer.generate(
                         prompts[c], n=1, temperature=p.optimizer_temperature,
                         max_tokens=p.optimizer_max_tokens,
@@ -681,7 +713,7 @@ class Engine:
         if key in self.candidate_records:
             return CandidateScore.from_json(self.candidate_records[key])
         # sampling mode: the samples are units of their own and carry their own costs
-        with unit_cost() as cost:
+        with self._unit() as cost:
             if self.mode == "sampling":
                 result = sampling_score(await self._sample(
                     instruction, self._minibatch_plan(round), phase="candidate", round=round))
@@ -743,6 +775,15 @@ class Engine:
     async def run(self) -> OptimizeResult:
         resumed = self.rundir.open(self.config())
         self._load()
+        try:
+            return await self._run(resumed)
+        except BaseException:
+            # exit 3 (an endpoint that kept failing), Ctrl-C, a bug: what was paid for and the
+            # faults met so far are on disk for the user, and for the resume
+            self._save_accounting()
+            raise
+
+    async def _run(self, resumed: bool) -> OptimizeResult:
         stored = self.rundir.read_json("result.json")
         finished = stored is not None and stored.get("stop_reason") != "budget"
         if finished and self.refinish:

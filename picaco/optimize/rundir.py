@@ -3,13 +3,15 @@
 Layout::
 
     config.json        resolved configuration (no secrets) and the fingerprint checked on resume
-    events.jsonl       every phase boundary (start, end, resume, stop)
+    events.jsonl       every phase boundary (start, end, resume, stop), and each unit of work that
+                       failed with an error, with what it cost (`unit_failed`)
     responses.jsonl    every sampled response with its per-value scores, q_phi and f
     candidates.jsonl   every proposal (raw text, verdict) and every instruction score, per round
     rounds.jsonl       per round: chosen instruction, objective, per-value means
     pools/round-NN.json  the pools after round NN's enhancement (for reading; rebuilt from responses)
     accounting.json    calls and tokens per role: the sum of the `cost` each unit's record carries
-                       (a unit cut short by a kill is counted once, in the process that finished it)
+                       (a unit cut short by a kill is counted once, in the process that finished it;
+                       one that failed with an error is also in the row "unfinished units")
     result.json        written when the run ends (also after a budget stop)
     instruction.txt    the optimized system prompt, plain text
     system_prompt.txt  with a `system_template` only: the template with instruction.txt in its slot
