@@ -983,6 +983,61 @@ def test_progress_sinks_show_the_run(tmp_path):
         make_progress("loud")
 
 
+def test_progress_in_a_log_is_timestamped_lines_at_most_every_interval(tmp_path):
+    """stderr that is not a terminal (nohup, CI, a batch job) gets plain lines, since a live display
+    shows nothing there until the end: each phase start and round end, in-phase counts at most every
+    `interval` seconds of the (here: manual) clock, and the end."""
+    import io
+    import re
+
+    from picaco.optimize import PlainProgress, make_progress
+    from picaco.optimize.progress import EvaluationProgress, ProgressEvent, RichProgress
+
+    class Clock:  # every reading is 10 s after the last
+        t = 0.0
+
+        def __call__(self):
+            self.t += 10.0
+            return self.t
+
+    stream = io.StringIO()
+    s = Setup()
+    s.progress = PlainProgress(stream, interval=25.0, clock=Clock())
+    result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}))
+    lines = stream.getvalue().splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines)
+    text = "\n".join(line[9:] for line in lines)
+    assert "pre-flight estimate (likelihood mode, 3 queries)" in text
+    assert "round 1/1: sampling and judging responses (" in text
+    assert re.search(r"round 1 done: instruction (changed|kept), objective -?\d+\.\d{4}", text)
+    assert text.splitlines()[-1].startswith(f"done: {result.stop_reason} after 1 round(s)")
+    # in-phase counts, throttled: the phase starts at 10 s, advances read 20, 30, ... 80 s; with a
+    # 25 s interval the 3rd (40 s) and the 6th (70 s) are printed
+    sink_out = io.StringIO()
+    sink = PlainProgress(sink_out, interval=25.0, clock=Clock())
+    sink.emit(ProgressEvent("run_start", data={"rounds": 3, "mode": "sampling"}))
+    sink.emit(ProgressEvent("phase_start", round=2, phase="refine", calls=5))
+    for done in range(1, 8):
+        sink.emit(ProgressEvent("advance", round=2, phase="refine", done=done, total=7, calls=5 + done))
+    assert [line[9:] for line in sink_out.getvalue().splitlines()] == [
+        "refinement mode: sampling", "round 2/3: scoring candidates (5 calls)",
+        "round 2/3: scoring candidates 3/7 (8 calls)", "round 2/3: scoring candidates 6/7 (11 calls)"]
+    assert type(make_progress("rich", stream=io.StringIO())) is PlainProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert type(make_progress("rich", stream=Terminal())) is RichProgress
+
+    rows = io.StringIO()
+    bars = EvaluationProgress("rich", stream=rows, interval=25.0, clock=Clock())
+    for done in range(1, 11):
+        bars("Q+IF", done, 10)
+    assert [line[9:] for line in rows.getvalue().splitlines()] == [
+        "Q+IF: 1/10 rows", "Q+IF: 4/10 rows", "Q+IF: 7/10 rows", "Q+IF: 10/10 rows"]
+
+
 def test_result_carries_ratings_accounting_and_the_callers_config(tmp_path):
     s = Setup()
     result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}),

@@ -1,8 +1,10 @@
 """Progress events of an optimization run and the sinks that show them.
 
 The engine emits :class:`ProgressEvent`s; a sink decides what to do with them: a live terminal display
-(:class:`RichProgress`), nothing (:class:`QuietProgress`), one JSON object per line for machines
-(:class:`JsonLinesProgress`) or a list for tests (:class:`ListProgress`).
+(:class:`RichProgress`), timestamped log lines when stderr is not a terminal (:class:`PlainProgress`:
+nohup, CI, a batch job's log, where a live display would show nothing until the end), nothing
+(:class:`QuietProgress`), one JSON object per line for machines (:class:`JsonLinesProgress`) or a
+list for tests (:class:`ListProgress`).
 
 Event kinds: ``run_start`` (data: estimate, mode, params, resumed), ``phase_start`` / ``advance`` /
 ``phase_end`` (phase, round, done/total), ``round_end`` (data: objective, value means, instruction),
@@ -89,6 +91,82 @@ _PHASE_TEXT = {
 }
 
 
+def _start_lines(data: dict) -> list[str]:
+    """What a run prints when it starts: the pre-flight estimate, resuming, the scoring mode."""
+    lines = [data["estimate_text"]] if data.get("estimate_text") else []
+    if data.get("resumed"):
+        lines.append(f"resuming the run in {data.get('run_dir')}")
+    lines.append(f"refinement mode: {data.get('mode')}")
+    return lines
+
+
+def _done_line(event: ProgressEvent, estimate: int | None) -> str:
+    d = event.data
+    return (f"done: {d.get('stop_reason')} after {d.get('rounds_completed')} round(s); "
+            f"{event.calls:,} calls" + (f" (estimate ~{estimate:,})" if estimate else "")
+            + f"; instruction in {d.get('run_dir')}/instruction.txt")
+
+
+#: seconds between two progress lines of the same phase in a log (phase starts always print)
+PLAIN_INTERVAL = 30.0
+
+
+class PlainProgress:
+    """Progress as timestamped lines for a stream that is not a terminal: every phase start and
+    round end, the items done within a phase at most every `interval` seconds, warnings and the end."""
+
+    def __init__(self, stream: IO[str] | None = None, interval: float = PLAIN_INTERVAL,
+                 clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.clock = clock
+        self._rounds = None
+        self._estimate = None
+        self._last = float("-inf")
+
+    def _line(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.stream.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+        self.stream.flush()
+
+    def _where(self, event: ProgressEvent) -> str:
+        phase = _PHASE_TEXT.get(event.phase or "", event.phase or "")
+        if event.round is None or event.phase in ("final", "report", "bare"):
+            return phase
+        return f"round {event.round}/{self._rounds}: {phase}"
+
+    def _calls(self, event: ProgressEvent) -> str:
+        return f"{event.calls:,} calls" + (f" of ~{self._estimate:,}" if self._estimate else "")
+
+    def emit(self, event: ProgressEvent) -> None:
+        d = event.data
+        if event.kind == "run_start":
+            self._rounds = d.get("rounds")
+            self._estimate = d.get("estimate", {}).get("total_calls")
+            for line in _start_lines(d):
+                self._line(line)
+        elif event.kind == "phase_start":
+            self._last = self.clock()
+            self._line(f"{self._where(event)} ({self._calls(event)})")
+        elif event.kind == "advance":
+            now = self.clock()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._line(f"{self._where(event)} {event.done}/{event.total} ({self._calls(event)})")
+        elif event.kind == "round_end":
+            objective = d.get("objective")
+            self._line(f"round {event.round} done: "
+                       + ("instruction changed" if d.get("changed") else "instruction kept")
+                       + ("" if objective is None else f", objective {objective:.4f}"))
+        elif event.kind == "warning":
+            self._line(f"warning: {d.get('message', '')}")
+        elif event.kind == "run_end":
+            self._line(_done_line(event, self._estimate))
+
+    def close(self) -> None:
+        return None
+
+
 class RichProgress:
     """A live terminal display: round, phase, items done, calls against the estimate, and the mean
     conformity per value (best pools so far, and under the current instruction)."""
@@ -154,11 +232,8 @@ class RichProgress:
             s["rounds"] = d.get("rounds")
             s["titles"] = d.get("titles", {})
             s["estimate"] = d.get("estimate", {}).get("total_calls")
-            if d.get("estimate_text"):
-                self.console.print(d["estimate_text"])
-            if d.get("resumed"):
-                self.console.print(f"resuming the run in {d.get('run_dir')}")
-            self.console.print(f"refinement mode: {d.get('mode')}")
+            for line in _start_lines(d):
+                self.console.print(line)
             self._live = Live(self._render(), console=self.console,
                               refresh_per_second=self.refresh_per_second, transient=False)
             self._live.start()
@@ -178,13 +253,7 @@ class RichProgress:
         elif event.kind == "run_end":
             self._refresh()
             self.close()
-            d = event.data
-            est = s["estimate"]
-            self.console.print(
-                f"done: {d.get('stop_reason')} after {d.get('rounds_completed')} round(s); "
-                f"{event.calls:,} calls" + (f" (estimate ~{est:,})" if est else "")
-                + f"; instruction in {d.get('run_dir')}/instruction.txt"
-            )
+            self.console.print(_done_line(event, s["estimate"]))
             return
         self._refresh()
 
@@ -194,10 +263,21 @@ class RichProgress:
             self._live = None
 
 
-def make_progress(kind: str = "rich") -> ProgressSink:
-    """A sink by name: "rich" (live terminal display), "quiet" or "json" (JSON lines on stderr)."""
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def make_progress(kind: str = "rich", stream: IO[str] | None = None) -> ProgressSink:
+    """A sink by name: "rich" (a live display on a terminal; timestamped lines when stderr is not
+    one), "quiet" or "json" (JSON lines on stderr)."""
     if kind == "rich":
-        return RichProgress()
+        stream = stream if stream is not None else sys.stderr
+        if _is_terminal(stream):
+            from rich.console import Console
+
+            return RichProgress(console=Console(file=stream))
+        return PlainProgress(stream)
     if kind == "quiet":
         return QuietProgress()
     if kind == "json":
@@ -209,19 +289,31 @@ class EvaluationProgress:
     """Rows generated and judged per method during ``evaluate`` / ``compare``.
 
     Called by the evaluation harness as ``progress(method, rows_done, rows_total)``; shows one bar per
-    method on stderr ("rich"), one JSON line per update ("json"), or nothing ("quiet").
+    method on stderr ("rich"; on a stream that is not a terminal, a timestamped line per method at
+    most every `interval` seconds and when it completes), one JSON line per update ("json"), or
+    nothing ("quiet").
     """
 
-    def __init__(self, kind: str = "rich", stream: IO[str] | None = None):
+    def __init__(self, kind: str = "rich", stream: IO[str] | None = None,
+                 interval: float = PLAIN_INTERVAL, clock=time.monotonic):
         if kind not in ("rich", "json", "quiet"):
             raise ValueError(f"unknown progress kind {kind!r}: use rich, quiet or json")
-        self.kind = kind
         self.stream = stream if stream is not None else sys.stderr
+        self.kind = "plain" if kind == "rich" and not _is_terminal(self.stream) else kind
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
         self._bar = None
         self._tasks: dict[str, int] = {}
 
     def __call__(self, method: str, done: int, total: int) -> None:
-        if self.kind == "json":
+        if self.kind == "plain":
+            now = self.clock()
+            if done >= total or now - self._last.get(method, float("-inf")) >= self.interval:
+                self._last[method] = now
+                self.stream.write(f"{time.strftime('%H:%M:%S')} {method}: {done}/{total} rows\n")
+                self.stream.flush()
+        elif self.kind == "json":
             event = ProgressEvent("evaluate", phase=method, done=done, total=total)
             self.stream.write(json.dumps(event.to_json(), default=str) + "\n")
             self.stream.flush()
