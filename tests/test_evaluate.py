@@ -140,6 +140,45 @@ def test_resume_skips_written_rows_and_redoes_a_partial_one(tmp_path):
     assert fourth.new_rows == 4 and set(fourth.summary["methods"]) == {"Q", "Q+IF", "picaco", "MP"}
 
 
+def test_each_process_logs_its_accounting_also_when_an_endpoint_stops_it(tmp_path):
+    """accounting.jsonl gets a line per process when it ends: an evaluation stopped by a failing
+    endpoint (exit 3) keeps what it paid for and the faults that stopped it; the resumed one that
+    finishes adds its own line."""
+    from picaco.errors import BackendError
+    from picaco.llm.accounting import report_fault
+
+    kw, backend = setup(tmp_path)
+    kw["batch_size"] = 2
+    calls = {"n": 0}
+
+    def failing_from_the_6th(request):
+        calls["n"] += 1
+        if calls["n"] >= 6:
+            report_fault("server_error", 3)
+            report_fault("retries", 2)
+            raise BackendError("HTTP 503 after 3 attempts")
+        return echo(request)
+
+    backend.responder = failing_from_the_6th
+    backend.reports_call_faults = True  # per-call fault reports, as the openai backend makes
+    with pytest.raises(BackendError):
+        asyncio.run(evaluate(methods(), **kw))
+    [stopped] = [json.loads(line) for line in (tmp_path / "eval" / "accounting.jsonl").read_text().splitlines()]
+    assert stopped["outcome"] == "BackendError"
+    target = stopped["accounting"]["target"]
+    failed = calls["n"] - 5
+    assert target["calls"] == 5 and target["faults"] == {"server_error": 3 * failed}
+    assert target["retries"] == 2 * failed
+
+    healed, backend2 = setup(tmp_path)
+    result = asyncio.run(evaluate(methods(), **healed))
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "accounting.jsonl").read_text().splitlines()]
+    assert [line["outcome"] for line in lines] == ["BackendError", "finished"]
+    # the rows of the first process's finished batches (2 rows each) were not bought again
+    assert lines[1]["accounting"]["target"]["calls"] == backend2.generate_calls == 12 - 4
+    assert lines[1]["accounting"] == result.summary["accounting"]
+
+
 def test_more_samples_extend_existing_rows(tmp_path):
     kw, backend = setup(tmp_path)
     asyncio.run(evaluate([Bare()], **kw))

@@ -9,6 +9,9 @@ Output directory::
     methods.json      each method's description: the exact prompts it sends
     summary.json      metrics per method with bootstrap intervals, tests across methods, warnings
     summary.md        the same as tables
+    accounting.jsonl  one line per process that worked on the directory, when it ended: how
+                      ("finished" or the error that stopped it, e.g. BackendError for exit 3) and
+                      its requests, tokens, retries and faults per role (as summary.json's accounting)
 
 Resumable: rows already in samples.jsonl (same method fingerprint) are not generated again, and rows
 are appended batch by batch, each batch in one write (fsynced) marked as a group, so a killed
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ from picaco.optimize.rundir import append_lines, drop_partial_tail, lock_directo
 
 SAMPLES = "samples.jsonl"
 STATE = "evaluation.json"
+ACCOUNTING = "accounting.jsonl"
 #: warn when more than this share of (response, value) ratings is unscored
 UNSCORED_WARNING = 0.05
 
@@ -262,6 +267,7 @@ async def evaluate(
         "sampling": {"seed": seed, "temperature": temperature, "max_tokens": max_tokens},
     }
     store = _Store(out, state)
+    outcome = "finished"
     try:
         return await _evaluate_into(
             store, methods, target=target, judge=judge, redundancy=redundancy, value_set=value_set,
@@ -269,7 +275,13 @@ async def evaluate(
             samples_per_query=samples_per_query, batch_size=batch_size, baseline=baseline,
             fake_threshold=fake_threshold, n_boot=n_boot, confidence=confidence, progress=progress,
         )
+    except BaseException as e:
+        outcome = type(e).__name__
+        raise
     finally:
+        # also after a failure: what a stopped evaluation paid for and the faults that stopped it
+        append_lines(out / ACCOUNTING, [{"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "outcome": outcome, "accounting": target.accounting.to_json()}])
         store.close()
 
 
