@@ -250,12 +250,11 @@ async def test_real_servers_failover_when_one_is_killed(smollm2_path):
 
     print("\nper endpoint:", [(r["url"], r["served"], r["failures"], r["healthy"]) for r in report])
     assert len(outs) == 12 and all(o.text.strip() for o in outs)
-    # greedy decoding of one model: the same prompt gives the same text whichever server answered,
-    # which is why the cache identity leaves the endpoint out
-    by_prompt: dict[str, set[str]] = {}
-    for r, o in zip(requests, outs):
-        by_prompt.setdefault(r.messages[-1].content, set()).add(o.text)
-    assert all(len(texts) == 1 for texts in by_prompt.values()), by_prompt
+    # Not asserted: that a prompt gets the same greedy text from either server. llama.cpp reuses the
+    # KV prefix of a server's previous request, and on some CPUs (seen on an AMD EPYC build) that
+    # moves near-tied logits enough to change a greedy token, so two replicas can differ. The cache
+    # identity still leaves the endpoint out: replicas serve the same weights, and a cached answer is
+    # one valid answer of that model (docs/RELIABILITY.md, known limits).
     dead_r, killed, survivor = report
     assert not dead_r["healthy"] and dead_r["served"] == 0
     assert not killed["healthy"] and killed["served"] >= served_before + 2 and killed["failures"] >= 1
