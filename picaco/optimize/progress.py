@@ -308,6 +308,8 @@ class EvaluationProgress:
 
     def __call__(self, method: str, done: int, total: int) -> None:
         if self.kind == "plain":
+            if done == 0:  # nothing to report yet; an error before the first row stays the only line
+                return
             now = self.clock()
             if done >= total or now - self._last.get(method, float("-inf")) >= self.interval:
                 self._last[method] = now
