@@ -111,6 +111,13 @@ def _done_line(event: ProgressEvent, estimate: int | None) -> str:
 PLAIN_INTERVAL = 30.0
 
 
+def _write_stamped(stream: IO[str], text: str) -> None:
+    """Each line of `text` with the wall-clock time in front, flushed at once (a log's progress)."""
+    stamp = time.strftime("%H:%M:%S")
+    stream.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+    stream.flush()
+
+
 class PlainProgress:
     """Progress as timestamped lines for a stream that is not a terminal: every phase start and
     round end, the items done within a phase at most every `interval` seconds, warnings and the end."""
@@ -125,9 +132,7 @@ class PlainProgress:
         self._last = float("-inf")
 
     def _line(self, text: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        self.stream.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
-        self.stream.flush()
+        _write_stamped(self.stream, text)
 
     def _where(self, event: ProgressEvent) -> str:
         phase = _PHASE_TEXT.get(event.phase or "", event.phase or "")
@@ -269,8 +274,8 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 def make_progress(kind: str = "rich", stream: IO[str] | None = None) -> ProgressSink:
-    """A sink by name: "rich" (a live display on a terminal; timestamped lines when stderr is not
-    one), "quiet" or "json" (JSON lines on stderr)."""
+    """A sink by name, on `stream` (default stderr): "rich" (a live display on a terminal,
+    timestamped lines on anything else), "quiet" or "json" (JSON lines)."""
     if kind == "rich":
         stream = stream if stream is not None else sys.stderr
         if _is_terminal(stream):
@@ -281,7 +286,7 @@ def make_progress(kind: str = "rich", stream: IO[str] | None = None) -> Progress
     if kind == "quiet":
         return QuietProgress()
     if kind == "json":
-        return JsonLinesProgress()
+        return JsonLinesProgress(stream)
     raise ValueError(f"unknown progress kind {kind!r}: use rich, quiet or json")
 
 
@@ -313,8 +318,7 @@ class EvaluationProgress:
             now = self.clock()
             if done >= total or now - self._last.get(method, float("-inf")) >= self.interval:
                 self._last[method] = now
-                self.stream.write(f"{time.strftime('%H:%M:%S')} {method}: {done}/{total} rows\n")
-                self.stream.flush()
+                _write_stamped(self.stream, f"{method}: {done}/{total} rows")
         elif self.kind == "json":
             event = ProgressEvent("evaluate", phase=method, done=done, total=total)
             self.stream.write(json.dumps(event.to_json(), default=str) + "\n")
