@@ -179,6 +179,15 @@ def test_each_process_logs_its_accounting_also_when_an_endpoint_stops_it(tmp_pat
     assert lines[1]["accounting"] == result.summary["accounting"]
 
 
+def test_the_summary_names_the_machine(tmp_path):
+    import platform
+
+    kw, _ = setup(tmp_path)
+    result = asyncio.run(evaluate([Bare()], **kw))
+    assert result.summary["machine"]["python"] == platform.python_version()
+    assert result.summary["machine"]["cores"] == os.cpu_count()
+
+
 def test_more_samples_extend_existing_rows(tmp_path):
     kw, backend = setup(tmp_path)
     asyncio.run(evaluate([Bare()], **kw))

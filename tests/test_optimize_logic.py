@@ -1038,6 +1038,22 @@ def test_progress_in_a_log_is_timestamped_lines_at_most_every_interval(tmp_path)
         "Q+IF: 1/10 rows", "Q+IF: 4/10 rows", "Q+IF: 7/10 rows", "Q+IF: 10/10 rows"]
 
 
+def test_provenance_names_the_machine_but_the_fingerprint_does_not(tmp_path):
+    """The embedded target's answers depend on the CPU llama.cpp was built for, so provenance.json
+    says which machine made the result; it is no part of the run's fingerprint (a resume elsewhere is
+    the same run)."""
+    import os
+    import platform
+
+    s = Setup()
+    s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}))
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    machine = prov["machine"]
+    assert machine["python"] == platform.python_version() and machine["cores"] == os.cpu_count()
+    assert machine["arch"] == platform.machine() and machine["cpu"]
+    assert "machine" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
 def test_result_carries_ratings_accounting_and_the_callers_config(tmp_path):
     s = Setup()
     result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}),

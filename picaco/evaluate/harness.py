@@ -37,6 +37,7 @@ from picaco.errors import ConfigError, DataError
 from picaco.evaluate import metrics
 from picaco.evaluate.report import markdown_summary
 from picaco.llm.client import LLMClient
+from picaco.machine import machine_info
 from picaco.values import ValueSet
 from picaco.optimize.rundir import append_lines, drop_partial_tail, lock_directory, strip_group
 
@@ -360,6 +361,7 @@ async def _evaluate_into(
         "same_judge": same,
         "warnings": warnings,
         "accounting": target.accounting.to_json(),
+        "machine": machine_info(),  # the embedded target's answers depend on the CPU (picaco.machine)
     })
     _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, sort_keys=True,
                                                    allow_nan=False))

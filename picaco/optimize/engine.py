@@ -33,6 +33,7 @@ from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError
 from picaco.llm.accounting import Accounting, Budget
 from picaco.llm.base import chat, fill_template
+from picaco.machine import machine_info
 from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
 from picaco.optimize.pools import Pools, Scored
@@ -1025,6 +1026,8 @@ class Engine:
             "estimate": self.estimate().to_json(),
             "notes": result.notes,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # the embedded target's answers depend on the CPU llama.cpp was built for
+            "machine": machine_info(),
         }
         template = getattr(self.target, "system_template", None)
         if template:

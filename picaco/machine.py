@@ -1,0 +1,54 @@
+"""The machine a result was made on, for provenance.json and an evaluation's summary.json.
+
+The embedded backend's sampled answers are the same on one machine and build, not across CPUs:
+llama.cpp is compiled for the CPU it is built on and its float rounding moves near-tied tokens
+(docs/RESULTS.md, "The scaling study with the Q+IF seed"). So a result names its machine; this is
+provenance only, never part of a cache key or a run's fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from functools import lru_cache
+from importlib import metadata
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def _static() -> dict:
+    return {"cpu": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
+            "os": platform.platform(), "python": platform.python_version(),
+            "llama_cpp_python": _version("llama_cpp_python")}
+
+
+def machine_info() -> dict:
+    """CPU model, architecture, cores, OS, Python and llama-cpp-python versions, and, when llama.cpp
+    is loaded in this process, the CPU features it was built to use."""
+    info = dict(_static())
+    llama = sys.modules.get("llama_cpp")  # only when the embedded backend loaded it: no import here
+    if llama is not None and hasattr(llama, "llama_print_system_info"):
+        try:
+            raw = llama.llama_print_system_info()
+            info["llama_cpp_system"] = (raw.decode() if isinstance(raw, bytes) else str(raw)).strip()
+        except Exception:  # a provenance detail must never fail a run
+            pass
+    return info
