@@ -812,7 +812,8 @@ def test_grounded_candidates_are_written_from_the_value_spec():
     assert lines[1].startswith(f"- {weakest.title}: ")
     assert all(any(line.startswith(f"- {v.title}: ") for line in lines) for v in vs.values)
     assert focus == f"Be good.\nAbove all, {weakest.title}: {proposer._behaviour(weakest)}"
-    # too long for max_chars: the strongest values keep only their titles, and it still fits
+    # too long for max_chars, and no description can be cut by a clause: the strongest values keep
+    # only their titles, and it still fits
     short = proposer.grounded_candidates(vs, standings, "Be good.", max_chars=len(standards) - 1, n=1)
     assert len(short) == 1 and len(short[0]) < len(standards) and "Also honour" in short[0]
     assert short[0].splitlines()[1].startswith(f"- {weakest.title}: ")
@@ -821,6 +822,84 @@ def test_grounded_candidates_are_written_from_the_value_spec():
     verdicts = proposer.check_candidates([(standards, "stop"), (focus, "stop")], current="Be good.",
                                          max_chars=2000)
     assert all(v.kept for v in verdicts), verdicts
+
+
+def test_clause_prefixes_cut_only_before_a_new_verb_clause():
+    text = ("Gives correct facts, flags estimates plainly, and points the user to a check "
+            "where the stakes are high.")
+    assert proposer.clause_prefixes(text) == [
+        "Gives correct facts.", "Gives correct facts, flags estimates plainly.", text]
+    # lists of nouns are not clauses: no cut inside them
+    nouns = "Offers concrete steps, numbers, examples, or trade-offs, explains why they matter."
+    assert proposer.clause_prefixes(nouns) == [
+        "Offers concrete steps, numbers, examples, or trade-offs.", nouns]
+    customs = "Suggests honouring the customs, rituals and elders, and looks for ways to adapt them."
+    assert proposer.clause_prefixes(customs) == ["Suggests honouring the customs, rituals and elders.", customs]
+    assert proposer.clause_prefixes("Advises the user how to take charge, build influence.") == [
+        "Advises the user how to take charge, build influence."]
+
+
+def test_standards_cut_the_longest_description_before_any_value_loses_it():
+    long_ = ("Turns down the harmful part without lecturing, points to a safe way to meet the goal, "
+             "and adds a source of help where someone may be at risk.")
+    vs = ValueSet(name="cut-3", values=(
+        Value(id="a", title="Alpha", definition="Alpha is valued here.", conforming="Answers the question."),
+        Value(id="b", title="Beta", definition="Beta is valued here.", conforming=long_),
+        Value(id="c", title="Gamma", definition="Gamma is valued here.",
+              conforming="Uses a courteous tone, describes people fairly."),
+    ))
+    standings = proposer.order_weakest_first(vs, {"a": 0.1, "b": 0.5, "c": 0.9})
+    (full,) = proposer.grounded_candidates(vs, standings, "x", max_chars=2000, n=1)
+    assert full.splitlines()[2] == f"- Beta: {long_}"
+    # one character short: the longest description loses its last clause; every value keeps one
+    (cut,) = proposer.grounded_candidates(vs, standings, "x", max_chars=len(full) - 1, n=1)
+    assert cut.splitlines()[1:] == [
+        "- Alpha: Answers the question.",
+        "- Beta: Turns down the harmful part without lecturing, points to a safe way to meet the goal.",
+        "- Gamma: Uses a courteous tone, describes people fairly.",
+    ]
+    # tighter: of two equally long descriptions the stronger value's is cut first
+    lines = [line for line in full.splitlines()]
+    head = lines[0]
+    both = "\n".join([head, "- Alpha: Answers the question.", "- Beta: Turns down the harmful part without lecturing.",
+                      "- Gamma: Uses a courteous tone, describes people fairly."])
+    (tight,) = proposer.grounded_candidates(vs, standings, "x", max_chars=len(both), n=1)
+    assert tight == both
+    (tighter,) = proposer.grounded_candidates(vs, standings, "x", max_chars=len(both) - 1, n=1)
+    assert tighter.splitlines()[3] == "- Gamma: Uses a courteous tone."
+    # every description at its first clause and still too long: the strongest keeps only its title
+    floor = "\n".join([head, "- Alpha: Answers the question.", "- Beta: Turns down the harmful part without lecturing.",
+                       "- Gamma: Uses a courteous tone."])
+    (titles,) = proposer.grounded_candidates(vs, standings, "x", max_chars=len(floor) - 1, n=1)
+    assert titles.splitlines()[-1] == "- Also honour Gamma." and len(titles) < len(floor)
+    assert proposer.grounded_candidates(vs, standings, "x", max_chars=20, n=1) == []
+
+
+def test_a_resumed_round_keeps_its_recorded_grounded_candidates(tmp_path, monkeypatch):
+    """A run started before a change to how grounded candidates are written resumes to the result it
+    would have had: the texts come from the recorded verdicts, not from the changed code."""
+    params = SMALL.model_copy(update={"grounded": 2})
+    ref = Setup()
+    ref_result = ref.run(tmp_path / "ref", params)
+    kill_at = ref.trip.counts["likelihood"] - 2  # in the final check: every round has proposed
+    killed = Setup(Tripwire(kill_at, "likelihood"))
+    with pytest.raises(Killed):
+        killed.run(tmp_path / "run", params)
+    before = [c for c in _records(tmp_path / "run", "candidates.jsonl") if c["kind"] == "verdict"]
+    assert {v["source"] for v in before} == {"optimizer", "grounded"}
+
+    calls = []
+
+    def changed(*args, **kwargs):
+        calls.append(1)
+        return ["You are a different checklist now.", "And a different focus."]
+
+    monkeypatch.setattr(proposer, "grounded_candidates", changed)
+    result = Setup().run(tmp_path / "run", params)
+    assert calls  # the changed code ran and was overruled by the records
+    assert _comparable(result) == _comparable(ref_result)
+    after = [c for c in _records(tmp_path / "run", "candidates.jsonl") if c["kind"] == "verdict"]
+    assert after == before
 
 
 def test_grounded_candidates_compete_when_the_optimizer_offers_nothing(tmp_path):

@@ -684,10 +684,13 @@ class Engine:
             await gather_all([one(c) for c in missing])
         raw = [(self.candidate_records[k]["raw"], self.candidate_records[k]["finish_reason"])
                for k in keys]
-        # value-grounded candidates: a pure function of the value set, the standings and the
-        # current instruction, so they need no record of their own to resume
-        grounded = proposer.grounded_candidates(self.value_set, standings, current,
-                                                max_chars=p.instruction_max_chars, n=p.grounded)
+        # value-grounded candidates: written from the value set, the standings and the current
+        # instruction with no model call; a resumed round takes the texts its verdicts recorded, so a
+        # run started before a change to how they are written resumes to the same result
+        written = proposer.grounded_candidates(self.value_set, standings, current,
+                                               max_chars=p.instruction_max_chars, n=p.grounded)
+        grounded = [self.candidate_records.get(f"verdict|{round}|{p.candidates + j}", {}).get("raw", text)
+                    for j, text in enumerate(written)]
         raw += [(text, "stop") for text in grounded]
         verdicts = proposer.check_candidates(raw, current=current,
                                              max_chars=p.instruction_max_chars,

@@ -332,13 +332,62 @@ def _behaviour(value) -> str:
     return " ".join((value.conforming or value.definition).split())
 
 
+#: where a conforming description can be cut: before ", " or ", and " that starts a new clause with a
+#: verb ("..., flags estimates ...", "..., and points the user ..."): a word ending in a single "s"
+#: and followed by neither a comma nor "and"/"or", so a list of nouns ("steps, numbers, examples",
+#: "customs, rituals and elders") is not cut
+_CLAUSE_BREAK = re.compile(r", (?=(?:and )?[a-z]*[a-rt-z]s (?!and |or )[^,])")
+
+
+def clause_prefixes(text: str) -> list[str]:
+    """The description cut after each of its clauses, shortest first, each ending in a full stop; the
+    whole text last. Cutting at whole clauses keeps a sentence a model can follow, where a cut at a
+    word count would not."""
+    text = " ".join(text.split())
+    cuts = [text[: m.start()].rstrip(" ,;:") + "." for m in _CLAUSE_BREAK.finditer(text)]
+    return [c for c in cuts if c != "."] + [text]
+
+
+def _standards(ordered: Sequence, max_chars: int) -> str | None:
+    """The *standards* checklist in the longest form that fits ``max_chars``, or None.
+
+    While too long, the longest description is cut by its last clause (of equals, the stronger
+    value's), so the weakest values keep the most words; a description never loses its first
+    clause. Only when every description is down to one clause do the strongest values keep just
+    their titles. Why: a title alone says nothing about what an answer does, and cutting whole
+    descriptions from the strongest value first had cost it all of them (hh-balance-8 at K=4 and 800
+    characters ended "Also honour Respect.")."""
+    head = "You are a helpful assistant. Make every answer meet these standards, in what it says and advises:"
+    forms = [clause_prefixes(_behaviour(v)) for v in ordered]
+    level = [len(f) - 1 for f in forms]  # index of the form each value uses now
+    described = len(ordered)  # the first `described` values get a description, the rest a title
+
+    def render() -> str:
+        lines = [head, *(f"- {v.title}: {forms[i][level[i]]}" for i, v in enumerate(ordered[:described]))]
+        if described < len(ordered):
+            lines.append(f"- Also honour {', '.join(v.title for v in ordered[described:])}.")
+        return "\n".join(lines)
+
+    while len(text := render()) > max_chars:
+        cuttable = [i for i in range(described) if level[i] > 0]
+        if cuttable:
+            i = max(cuttable, key=lambda i: (len(forms[i][level[i]]), i))
+            level[i] -= 1
+        elif described > 0:
+            described -= 1
+        else:
+            return None
+    return text
+
+
 def grounded_candidates(
     value_set: ValueSet, standings: Sequence[ValueStanding], current: str, *, max_chars: int, n: int
 ) -> list[str]:
     """Up to ``n`` candidates written from the value specification itself, not by the optimizer model.
 
     1. *standards*: every value's conforming behaviour as a checklist, weakest value first; when it
-       does not fit in ``max_chars``, the strongest values keep only their titles.
+       does not fit in ``max_chars``, the longest descriptions lose their last clauses, and only
+       when even that does not fit do the strongest values keep just their titles (``_standards``).
     2. *focus*: the current instruction plus the conforming behaviour of the weakest value.
 
     Why: a small optimizer model mostly paraphrases or copies its prompt (measured: on the cpu preset
@@ -350,16 +399,9 @@ def grounded_candidates(
     ordered = [by_id[s.id] for s in standings] or list(value_set.values)
     out: list[str] = []
     if n >= 1:
-        head = "You are a helpful assistant. Make every answer meet these standards, in what it says and advises:"
-        for described in range(len(ordered), 0, -1):
-            lines = [head, *(f"- {v.title}: {_behaviour(v)}" for v in ordered[:described])]
-            rest = [v.title for v in ordered[described:]]
-            if rest:
-                lines.append(f"- Also honour {', '.join(rest)}.")
-            text = "\n".join(lines)
-            if len(text) <= max_chars:
-                out.append(text)
-                break
+        standards = _standards(ordered, max_chars)
+        if standards is not None:
+            out.append(standards)
     if n >= 2 and ordered:
         weakest = ordered[0]
         out.append(f"{current.strip()}\nAbove all, {weakest.title}: {_behaviour(weakest)}")
