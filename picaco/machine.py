@@ -52,3 +52,14 @@ def machine_info() -> dict:
         except Exception:  # a provenance detail must never fail a run
             pass
     return info
+
+
+def describe_machine(info: dict | None) -> str:
+    """One line for a report: "AMD EPYC 7B13 (x86_64, 2 cores); Linux-...; Python 3.11.9;
+    llama-cpp-python 0.3.16"; "" without the information (results made before it was recorded)."""
+    if not info:
+        return ""
+    cpu = f"{info.get('cpu', '?')} ({info.get('arch', '?')}, {info.get('cores', '?')} cores)"
+    parts = [cpu, info.get("os"), f"Python {info['python']}" if info.get("python") else None,
+             f"llama-cpp-python {info['llama_cpp_python']}" if info.get("llama_cpp_python") else None]
+    return "; ".join(p for p in parts if p)

@@ -22,6 +22,7 @@ from picaco.judge.base import ValueScore
 from picaco.llm.base import GenerateRequest
 from picaco.llm.client import LLMClient
 from picaco.llm.fake import FakeBackend
+from picaco.machine import describe_machine
 from picaco.redundancy import RedundancyModel
 from picaco.runtime import Runtime
 from picaco.values import ValueSet, load_value_set
@@ -186,6 +187,18 @@ def test_the_summary_names_the_machine(tmp_path):
     result = asyncio.run(evaluate([Bare()], **kw))
     assert result.summary["machine"]["python"] == platform.python_version()
     assert result.summary["machine"]["cores"] == os.cpu_count()
+    md = (tmp_path / "eval" / "summary.md").read_text()
+    assert f"Machine: {describe_machine(result.summary['machine'])}." in md
+    assert f"({platform.machine()}, {os.cpu_count()} cores)" in md
+
+
+def test_a_machine_is_described_in_one_line():
+    info = {"cpu": "AMD EPYC 7B13", "arch": "x86_64", "cores": 2, "os": "Linux-6.1-x86_64",
+            "python": "3.11.9", "llama_cpp_python": "0.3.16", "llama_cpp_system": "AVX2 = 1"}
+    assert describe_machine(info) == (
+        "AMD EPYC 7B13 (x86_64, 2 cores); Linux-6.1-x86_64; Python 3.11.9; llama-cpp-python 0.3.16")
+    assert describe_machine({**info, "llama_cpp_python": None}).endswith("Python 3.11.9")
+    assert describe_machine(None) == describe_machine({}) == ""
 
 
 def test_more_samples_extend_existing_rows(tmp_path):

@@ -29,6 +29,7 @@ from picaco.llm.accounting import Accounting
 from picaco.llm.base import GenerateRequest
 from picaco.llm.client import LLMClient
 from picaco.llm.fake import FakeBackend, default_responder
+from picaco.machine import describe_machine
 from picaco.optimize import OptimizeParams, optimize
 from picaco.optimize.engine import OptimizeResult, derive_seed, instruction_hash
 from picaco.optimize.rundir import RunDir
@@ -305,6 +306,7 @@ def test_numbers_come_from_the_run(report):
     assert [r[1] for r in table_rows(html, "round-table")] == ["changed", "unchanged"]
     assert "0123456789abcdef" in html and hashlib.sha256(FINAL.encode()).hexdigest() in html
     assert 'class="badge finished"' in html and 'id="status-banner"' not in html
+    assert "<dt>machine</dt>" not in html  # a run made before machines were recorded: no empty row
 
 
 def gain_noise_text(html: str) -> str:
@@ -446,6 +448,10 @@ def test_report_of_a_run_the_engine_made(tmp_path, template):
     html = write_report(result.run_dir).read_text(encoding="utf-8")
     assert html.count("<script") == 1 and "</textarea>" not in html
     assert str(escape(result.instruction)) in html
+    # the machine that made it, as provenance.json records it
+    machine = json.loads((result.run_dir / "provenance.json").read_text())["machine"]
+    assert f"<dt>machine</dt><dd>{escape(describe_machine(machine))}</dd>" in html
+    assert machine["cpu"] in htmllib.unescape(html)
     data = load_run(result.run_dir)
     assert data.finished and data.value_ids == VALUES.ids
     rounds = len(data.rounds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from picaco.machine import describe_machine
+
 
 def _f(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
@@ -30,6 +32,7 @@ def markdown_summary(summary: dict) -> str:
         + f"; {int(100 * summary['settings']['confidence'])}% bootstrap intervals over queries "
         f"({summary['settings']['n_boot']} resamples, seed {summary['settings']['seed']}).",
         "",
+        *([f"Machine: {machine}.", ""] if (machine := describe_machine(summary.get("machine"))) else []),
         "| method | mean conformity (1–5) | lowest value | CV ↓ | dropped-value ↓ | fake alignment ↓ | "
         f"win vs {baseline or 'bare'} | unscored | calls/query |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -21,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 import picaco
+from picaco.machine import describe_machine
 from picaco.report import figures as F
 from picaco.report.rundata import (
     CandidateRow,
@@ -420,6 +421,10 @@ def _provenance_rows(run: RunData) -> list[dict]:
             rows.append({"label": role, "value": _describe_role(roles[role])})
     q = prov.get("queries") or fp.get("queries") or {}
     rows.append({"label": "queries", "value": f"{q.get('n', '?')} (sha256 {str(q.get('sha256', '?'))[:16]})"})
+    # the embedded target's answers depend on the CPU and llama.cpp build (picaco.machine)
+    rows.append({"label": "machine", "value": describe_machine(prov.get("machine"))})
+    rows.append({"label": "llama.cpp build", "value": (prov.get("machine") or {}).get("llama_cpp_system"),
+                 "code": True})
     rows.append({"label": "created", "value": run.config.get("created")})
     if prov.get("finished"):
         rows.append({"label": "finished", "value": prov["finished"]})
