@@ -178,6 +178,12 @@ def test_each_process_logs_its_accounting_also_when_an_endpoint_stops_it(tmp_pat
     # the rows of the first process's finished batches (2 rows each) were not bought again
     assert lines[1]["accounting"]["target"]["calls"] == backend2.generate_calls == 12 - 4
     assert lines[1]["accounting"] == result.summary["accounting"]
+    # the summary also sums every process: 5 + 8 requests, the first one's faults
+    every = result.summary["accounting_all_processes"]
+    assert every["processes"] == 2 and every["target"]["calls"] == 5 + 8 == every["total"]["calls"]
+    assert every["target"]["faults"] == {"server_error": 3 * failed}
+    md = (tmp_path / "eval" / "summary.md").read_text()
+    assert "Requests paid for: 8 by this process, 13 by all 2 processes that worked on this directory" in md
 
 
 def test_the_summary_names_the_machine(tmp_path):

@@ -11,7 +11,8 @@ Output directory::
     summary.md        the same as tables
     accounting.jsonl  one line per process that worked on the directory, when it ended: how
                       ("finished" or the error that stopped it, e.g. BackendError for exit 3) and
-                      its requests, tokens, retries and faults per role (as summary.json's accounting)
+                      its requests, tokens, retries and faults per role (as summary.json's accounting,
+                      which is this process's; summary.json's accounting_all_processes sums them all)
 
 Resumable: rows already in samples.jsonl (same method fingerprint) are not generated again, and rows
 are appended batch by batch, each batch in one write (fsynced) marked as a group, so a killed
@@ -36,6 +37,7 @@ from picaco.data.queries import Query
 from picaco.errors import ConfigError, DataError
 from picaco.evaluate import metrics
 from picaco.evaluate.report import markdown_summary
+from picaco.llm.accounting import Accounting
 from picaco.llm.client import LLMClient
 from picaco.machine import machine_info
 from picaco.values import ValueSet
@@ -361,12 +363,29 @@ async def _evaluate_into(
         "same_judge": same,
         "warnings": warnings,
         "accounting": target.accounting.to_json(),
+        "accounting_all_processes": _all_processes(out, target.accounting),
         "machine": machine_info(),  # the embedded target's answers depend on the CPU (picaco.machine)
     })
     _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, sort_keys=True,
                                                    allow_nan=False))
     _write_atomic(out / "summary.md", markdown_summary(summary))
     return EvaluationResult(out, summary, new_rows)
+
+
+def _all_processes(out: Path, current: Accounting) -> dict:
+    """What every process that worked on this directory paid for: the lines of accounting.jsonl
+    (earlier processes, stopped or finished) plus this one, whose line is written when it ends."""
+    total, processes = Accounting(), 1
+    path = out / ACCOUNTING
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                total.merge_json(json.loads(line)["accounting"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a hard kill: that process's spend is lost, not the rest
+            processes += 1
+    total.merge_json(current.to_json())
+    return {"processes": processes, **total.to_json()}
 
 
 def evaluate_sync(methods: Sequence[Method], **kwargs) -> EvaluationResult:

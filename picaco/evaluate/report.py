@@ -17,6 +17,19 @@ def _ci(ci, fmt=_f) -> str:
     return "" if not ci else f" [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
+def _requests_line(summary: dict) -> list[str]:
+    """Model requests paid for, by this process and by all that worked on the directory."""
+    here = (summary.get("accounting") or {}).get("total")
+    every = summary.get("accounting_all_processes") or {}
+    if not here:
+        return []
+    text = f"Requests paid for: {here['calls']:,} by this process"
+    if every.get("processes", 1) > 1:
+        text += (f", {every['total']['calls']:,} by all {every['processes']} processes that worked on "
+                 "this directory (accounting.jsonl)")
+    return [text + f"; {here['cache_hits']:,} answered from the cache.", ""]
+
+
 def markdown_summary(summary: dict) -> str:
     methods = summary["methods"]
     values = summary.get("values", {})
@@ -33,6 +46,7 @@ def markdown_summary(summary: dict) -> str:
         f"({summary['settings']['n_boot']} resamples, seed {summary['settings']['seed']}).",
         "",
         *([f"Machine: {machine}.", ""] if (machine := describe_machine(summary.get("machine"))) else []),
+        *_requests_line(summary),
         "| method | mean conformity (1–5) | lowest value | CV ↓ | dropped-value ↓ | fake alignment ↓ | "
         f"win vs {baseline or 'bare'} | unscored | calls/query |",
         "|---|---|---|---|---|---|---|---|---|",
