@@ -873,6 +873,20 @@ def test_standards_cut_the_longest_description_before_any_value_loses_it():
     (titles,) = proposer.grounded_candidates(vs, standings, "x", max_chars=len(floor) - 1, n=1)
     assert titles.splitlines()[-1] == "- Also honour Gamma." and len(titles) < len(floor)
     assert proposer.grounded_candidates(vs, standings, "x", max_chars=20, n=1) == []
+    # focus: the weakest value's description, cut by clauses to fit after the current text; left
+    # out when not even its first clause fits
+    weak = ValueSet(name="cut-2", values=(vs.values[1], vs.values[0]))
+    order = proposer.order_weakest_first(weak, {"b": 0.1, "a": 0.9})
+    current = "Be good. " * 10
+    whole = f"{current.strip()}\nAbove all, Beta: {long_}"
+    _, focus = proposer.grounded_candidates(weak, order, current, max_chars=len(whole), n=2)
+    assert focus == whole
+    (cut_focus,) = proposer.grounded_candidates(weak, order, current, max_chars=len(whole) - 1, n=2)[1:]
+    assert cut_focus == (f"{current.strip()}\nAbove all, Beta: Turns down the harmful part without "
+                         "lecturing, points to a safe way to meet the goal.")
+    first = f"{current.strip()}\nAbove all, Beta: Turns down the harmful part without lecturing."
+    assert proposer.grounded_candidates(weak, order, current, max_chars=len(first), n=2)[1] == first
+    assert len(proposer.grounded_candidates(weak, order, current, max_chars=len(first) - 1, n=2)) == 1
 
 
 def test_a_resumed_round_keeps_its_recorded_grounded_candidates(tmp_path, monkeypatch):

@@ -388,7 +388,9 @@ def grounded_candidates(
     1. *standards*: every value's conforming behaviour as a checklist, weakest value first; when it
        does not fit in ``max_chars``, the longest descriptions lose their last clauses, and only
        when even that does not fit do the strongest values keep just their titles (``_standards``).
-    2. *focus*: the current instruction plus the conforming behaviour of the weakest value.
+    2. *focus*: the current instruction plus the conforming behaviour of the weakest value, cut by
+       clauses to fit; none when not even its first clause fits (a longer text would only be
+       discarded as too long).
 
     Why: a small optimizer model mostly paraphrases or copies its prompt (measured: on the cpu preset
     most 1.5B proposals were discarded as leaks or near-copies), so a round could offer nothing but the
@@ -403,8 +405,13 @@ def grounded_candidates(
         if standards is not None:
             out.append(standards)
     if n >= 2 and ordered:
+        # the longest form of the weakest value's description that fits after the current text
         weakest = ordered[0]
-        out.append(f"{current.strip()}\nAbove all, {weakest.title}: {_behaviour(weakest)}")
+        for form in reversed(clause_prefixes(_behaviour(weakest))):
+            focus = f"{current.strip()}\nAbove all, {weakest.title}: {form}"
+            if len(focus) <= max_chars:
+                out.append(focus)
+                break
     return out
 
 
