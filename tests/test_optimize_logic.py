@@ -906,7 +906,7 @@ def test_a_resumed_round_keeps_its_recorded_grounded_candidates(tmp_path, monkey
 
     def changed(*args, **kwargs):
         calls.append(1)
-        return ["You are a different checklist now.", "And a different focus."]
+        return ["You are a different checklist now."]  # and no focus candidate at all
 
     monkeypatch.setattr(proposer, "grounded_candidates", changed)
     result = Setup().run(tmp_path / "run", params)

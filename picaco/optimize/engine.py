@@ -689,8 +689,13 @@ class Engine:
         # run started before a change to how they are written resumes to the same result
         written = proposer.grounded_candidates(self.value_set, standings, current,
                                                max_chars=p.instruction_max_chars, n=p.grounded)
-        grounded = [self.candidate_records.get(f"verdict|{round}|{p.candidates + j}", {}).get("raw", text)
-                    for j, text in enumerate(written)]
+        grounded = []
+        for j in range(p.grounded):
+            record = self.candidate_records.get(f"verdict|{round}|{p.candidates + j}")
+            if record is not None:
+                grounded.append(record["raw"])
+            elif j < len(written):
+                grounded.append(written[j])
         raw += [(text, "stop") for text in grounded]
         verdicts = proposer.check_candidates(raw, current=current,
                                              max_chars=p.instruction_max_chars,
