@@ -24,6 +24,48 @@ BackendKind = Literal["embedded", "openai", "fake"]
 _SECRET_FIELDS = {"api_key", "key", "token", "secret", "password"}
 
 
+def _refuse_inline_secrets(data: Any) -> Any:
+    if isinstance(data, dict):
+        inline = sorted(k for k in data if str(k).lower() in _SECRET_FIELDS)
+        if inline:
+            raise ValueError(
+                f"'{inline[0]}' is not allowed in a config: put the key in an environment variable "
+                "and name it with api_key_env (or use api_key_file)"
+            )
+    return data
+
+
+def _read_key(api_key_env: str | None, api_key_file: Path | None) -> str | None:
+    """The key named by a key file or an environment variable; None when neither is given."""
+    if api_key_file is not None:
+        try:
+            return api_key_file.expanduser().read_text().strip() or None
+        except OSError as e:
+            raise ConfigError(f"api_key_file {api_key_file}: cannot read: {e.strerror}") from None
+    if api_key_env:
+        value = os.environ.get(api_key_env)
+        if not value:
+            raise ConfigError(f"environment variable {api_key_env} (api_key_env) is not set")
+        return value
+    return None
+
+
+class EndpointConfig(BaseModel):
+    """One more endpoint of a role's pool that needs a key of its own (another provider or cluster);
+    a plain URL in `endpoints` uses the role's key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        return _refuse_inline_secrets(data)
+
+
 class RoleConfig(BaseModel):
     """One model role (target, optimizer, judge backend): a backend and its connection settings."""
 
@@ -34,8 +76,9 @@ class RoleConfig(BaseModel):
     model: str = "qwen2.5-coder-0.5b"
     base_url: str | None = None
     #: more OpenAI-compatible base URLs serving the same model: requests are spread over
-    #: base_url + endpoints, and an endpoint that keeps failing is skipped (failover)
-    endpoints: list[str] = Field(default_factory=list)
+    #: base_url + endpoints, and an endpoint that keeps failing is skipped (failover); an entry is a
+    #: URL (the role's key) or {url, api_key_env | api_key_file} (a key of its own)
+    endpoints: list[str | EndpointConfig] = Field(default_factory=list)
     #: environment variable holding the API key (openai backend); the key itself is never stored
     api_key_env: str | None = None
     #: or a file containing only the key
@@ -56,14 +99,7 @@ class RoleConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secrets(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            inline = sorted(k for k in data if str(k).lower() in _SECRET_FIELDS)
-            if inline:
-                raise ValueError(
-                    f"'{inline[0]}' is not allowed in a config: put the key in an environment variable "
-                    "and name it with api_key_env (or use api_key_file)"
-                )
-        return data
+        return _refuse_inline_secrets(data)
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "RoleConfig":
@@ -74,17 +110,22 @@ class RoleConfig(BaseModel):
 
     def resolve_api_key(self) -> str | None:
         """The key from the environment or key file; only ever held in memory."""
-        if self.api_key_file is not None:
-            try:
-                return self.api_key_file.expanduser().read_text().strip() or None
-            except OSError as e:
-                raise ConfigError(f"api_key_file {self.api_key_file}: cannot read: {e.strerror}") from None
-        if self.api_key_env:
-            value = os.environ.get(self.api_key_env)
-            if not value:
-                raise ConfigError(f"environment variable {self.api_key_env} (api_key_env) is not set")
-            return value
+        if self.api_key_file is not None or self.api_key_env:
+            return _read_key(self.api_key_env, self.api_key_file)
         return os.environ.get("OPENAI_API_KEY") if self.backend == "openai" else None
+
+    def pool(self) -> list[tuple[str, str | None]]:
+        """(base URL, key) of base_url and every entry of `endpoints`, in that order; an entry without
+        a key source of its own gets the role's key."""
+        key = self.resolve_api_key()
+        out: list[tuple[str, str | None]] = [(self.base_url, key)]
+        for e in self.endpoints:
+            if isinstance(e, str):
+                out.append((e, key))
+            else:
+                own = e.api_key_file is not None or e.api_key_env
+                out.append((e.url, _read_key(e.api_key_env, e.api_key_file) if own else key))
+        return out
 
 
 class JudgeConfig(RoleConfig):

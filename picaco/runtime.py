@@ -29,7 +29,6 @@ def make_backend(cfg: RoleConfig) -> Backend:
     if cfg.backend == "openai":
         connection = dict(
             model=cfg.model,
-            api_key=cfg.resolve_api_key(),
             max_in_flight=cfg.max_in_flight,
             timeout=cfg.timeout,
             max_retries=cfg.max_retries,
@@ -40,10 +39,11 @@ def make_backend(cfg: RoleConfig) -> Backend:
             from picaco.llm.endpoint_pool import EndpointPool
 
             # base_url first, then the extra endpoints; all serve the same model (one cache identity)
-            return EndpointPool([cfg.base_url, *cfg.endpoints], **connection)
+            urls, keys = zip(*cfg.pool())
+            return EndpointPool(list(urls), api_keys=list(keys), **connection)
         from picaco.llm.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(base_url=cfg.base_url, **connection)
+        return OpenAIBackend(base_url=cfg.base_url, api_key=cfg.resolve_api_key(), **connection)
     if cfg.backend == "fake":
         from picaco.llm.fake import FakeBackend
 
@@ -56,7 +56,9 @@ def _backend_key(cfg: RoleConfig) -> tuple:
     model = cfg.model
     if cfg.backend == "embedded" and os.path.exists(model):
         model = str(Path(model).resolve())
-    return (cfg.backend, model, cfg.base_url, tuple(cfg.endpoints), cfg.api_key_env, str(cfg.api_key_file),
+    endpoints = tuple(e if isinstance(e, str) else (e.url, e.api_key_env, str(e.api_key_file))
+                      for e in cfg.endpoints)
+    return (cfg.backend, model, cfg.base_url, endpoints, cfg.api_key_env, str(cfg.api_key_file),
             cfg.n_ctx, cfg.parallel_responses)
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from picaco.config import RoleConfig
-from picaco.errors import BackendError
+from picaco.errors import BackendError, ConfigError
 from picaco.llm.base import GenerateRequest, LikelihoodRequest, chat
 from picaco.llm.cache import CallCache
 from picaco.llm.client import LLMClient
@@ -204,6 +204,31 @@ def test_runtime_builds_a_pool_only_when_endpoints_are_listed():
     assert isinstance(pooled, EndpointPool) and isinstance(single, OpenAIBackend)
     assert [r["url"] for r in pooled.report()] == ["http://h1:8000/v1", "http://h2:8000/v1"]  # deduplicated
     assert pooled.kind == "openai" and pooled.model == "m"
+
+
+async def test_each_endpoint_gets_its_own_key_or_the_roles(servers, monkeypatch, tmp_path):
+    """A pool over two providers: an endpoint with a key source of its own sends that key, a plain
+    URL the role's; neither key shows in the pool's repr, report or the role's config dump."""
+    a, b, c = servers
+    key_b = tmp_path / "key-b"
+    key_b.write_text("sk-provider-B-7fQ2\n")
+    monkeypatch.setenv("POOL_KEY_A", SECRET)
+    cfg = RoleConfig(backend="openai", model="delay-model", base_url=a.base_url, api_key_env="POOL_KEY_A",
+                     endpoints=[{"url": b.base_url, "api_key_file": str(key_b)}, c.base_url])
+    pool = make_backend(cfg)
+    assert isinstance(pool, EndpointPool)
+    await asyncio.gather(*(pool.generate(_req(i)) for i in range(12)))
+    sent = {s.base_url: set(s.stats()["auth_headers"]) for s in (a, b, c)}
+    assert sent == {a.base_url: {f"Bearer {SECRET}"}, b.base_url: {"Bearer sk-provider-B-7fQ2"},
+                    c.base_url: {f"Bearer {SECRET}"}}
+    shown = repr(pool) + str(pool.report()) + cfg.model_dump_json()
+    assert SECRET not in shown and "sk-provider-B" not in shown
+    with pytest.raises(ValueError, match="'api_key' is not allowed in a config"):
+        RoleConfig(backend="openai", model="m", base_url=a.base_url,
+                   endpoints=[{"url": b.base_url, "api_key": "sk-inline"}])
+    monkeypatch.delenv("POOL_KEY_A")
+    with pytest.raises(ConfigError, match="POOL_KEY_A"):
+        make_backend(cfg)
 
 
 def test_credentials_in_a_url_are_not_reported():

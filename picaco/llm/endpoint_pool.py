@@ -1,7 +1,8 @@
 """Several OpenAI-compatible endpoints serving the same model, used as one backend with failover.
 
 A role whose config lists ``endpoints`` gets an :class:`EndpointPool`: one :class:`OpenAIBackend` per
-base URL (same model, key, prompt template and likelihood mode). The pool
+base URL (same model, prompt template and likelihood mode; the role's key, or one per endpoint when
+the endpoints belong to different providers or clusters). The pool
 
 - sends each request to the healthy endpoint with the fewest requests in flight (ties go to the one
   picked least often, so equal endpoints take turns);
@@ -117,6 +118,7 @@ class EndpointPool:
         model: str,
         api_key: str | None = None,
         *,
+        api_keys: Sequence[str | None] | None = None,
         max_in_flight: int = 16,
         timeout: float = 120.0,
         max_retries: int = 6,
@@ -132,7 +134,12 @@ class EndpointPool:
         seeded: bool = False,
         default_headers: dict[str, str] | None = None,
     ):
-        urls = list(dict.fromkeys(u.rstrip("/") for u in base_urls))  # same URL twice is one endpoint
+        if api_keys is not None and len(api_keys) != len(base_urls):
+            raise ConfigError(f"{len(api_keys)} API keys for {len(base_urls)} endpoints")
+        keys = list(api_keys) if api_keys is not None else [api_key] * len(base_urls)
+        # same URL twice is one endpoint, with the key given first
+        key_of = dict(reversed([(u.rstrip("/"), k) for u, k in zip(base_urls, keys)]))
+        urls = list(dict.fromkeys(u.rstrip("/") for u in base_urls))
         if not urls:
             raise ConfigError("an endpoint pool needs at least one base URL")
         if max_in_flight < 1:
@@ -152,7 +159,7 @@ class EndpointPool:
             EndpointState(
                 url=u,
                 backend=OpenAIBackend(
-                    u, model, api_key,
+                    u, model, key_of[u],
                     max_in_flight=max_in_flight, timeout=timeout, max_retries=0,
                     backoff_base=backoff_base, backoff_cap=backoff_cap, retry_after_cap=retry_after_cap,
                     likelihood=likelihood, prompt_template=prompt_template, top_logprobs=top_logprobs,

@@ -59,6 +59,7 @@ class _State:
             "max_in_flight": self.max_in_flight,
             "arrivals": self.arrivals,
             "bodies": list(self.bodies),
+            "auth_headers": list(self.auth_headers),
             "pending_faults": len(self.faults),
         }
 
