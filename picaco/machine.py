@@ -63,3 +63,27 @@ def describe_machine(info: dict | None) -> str:
     parts = [cpu, info.get("os"), f"Python {info['python']}" if info.get("python") else None,
              f"llama-cpp-python {info['llama_cpp_python']}" if info.get("llama_cpp_python") else None]
     return "; ".join(p for p in parts if p)
+
+
+def same_build(a: dict | None, b: dict | None) -> bool:
+    """Whether two machines give an embedded model the same sampled answers as far as we can tell:
+    the same CPU model, architecture and llama-cpp-python version (a missing record counts as same)."""
+    if not a or not b:
+        return True
+    fields = ("cpu", "arch", "llama_cpp_python")
+    return all(a.get(f) == b.get(f) for f in fields)
+
+
+def mixed_machines_warning(machines: list[dict], what: str) -> str | None:
+    """A warning when ``what`` (e.g. "the rows of this evaluation") was made on machines whose builds
+    differ; None when they are one build."""
+    distinct: list[dict] = []
+    for m in machines:
+        if m and not any(same_build(m, d) for d in distinct):
+            distinct.append(m)
+    if len(distinct) < 2:
+        return None
+    names = " and ".join(describe_machine(m) for m in distinct)
+    return (f"{what} were made on {len(distinct)} different machines ({names}): an embedded model's "
+            "sampled answers differ across CPUs and llama.cpp builds, so they are not one draw; "
+            "rerun in a new directory on one machine to compare methods exactly")

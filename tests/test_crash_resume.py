@@ -38,7 +38,7 @@ KILLS = int(os.environ.get("PICACO_CRASH_KILLS", "15"))
 #: outputs that legitimately differ between processes: wall times, and counts that split requests
 #: into backend calls and cache hits (a rerun finds in the cache what a killed process asked for);
 #: the total of requests is compared on its own
-VOLATILE = {"accounting", "calls", "cost", "finished", "created", "requests_this_run", "seconds", "time"}
+VOLATILE = {"accounting", "accounting_all_processes", "calls", "cost", "finished", "created", "requests_this_run", "seconds", "time"}
 
 FAKE_CONFIG = """\
 values: helpfulness-4

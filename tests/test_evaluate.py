@@ -198,6 +198,48 @@ def test_the_summary_names_the_machine(tmp_path):
     assert f"({platform.machine()}, {os.cpu_count()} cores)" in md
 
 
+def test_rows_from_two_machines_are_flagged_for_an_embedded_target(tmp_path):
+    """An evaluation resumed on another CPU mixes two draws of an embedded target's answers: the
+    summary says so. Processes that generated nothing, and targets whose answers do not depend on
+    this machine, are not flagged."""
+    kw, backend = setup(tmp_path)
+    backend.kind = "embedded"  # the identity of an embedded target; the answers stay the fake's
+    asyncio.run(evaluate([Bare()], **kw))
+    assert not any("different machines" in w for w in
+                   json.loads((tmp_path / "eval" / "summary.json").read_text())["warnings"])
+    log = tmp_path / "eval" / "accounting.jsonl"
+    first = json.loads(log.read_text())
+    first["machine"] = {**first["machine"], "cpu": "Other CPU 9000"}
+    log.write_text(json.dumps(first) + "\n")
+    resumed = asyncio.run(evaluate(methods(), **kw))  # generates Q+IF's and picaco's rows here
+    [mixed] = [w for w in resumed.summary["warnings"] if "different machines" in w]
+    assert "were made on 2 different machines (Other CPU 9000 (" in mixed
+    assert "Other CPU 9000" in (tmp_path / "eval" / "summary.md").read_text()
+    again = asyncio.run(evaluate(methods(), **kw))  # reads everything back; the rows stay mixed
+    assert again.new_rows == 0 and any("different machines" in w for w in again.summary["warnings"])
+
+    # only the reading process ran elsewhere: one machine made the rows
+    other = tmp_path / "other"
+    for _ in range(2):  # two processes, each with a client of its own
+        kw2, backend2 = setup(other)
+        backend2.kind = "embedded"
+        asyncio.run(evaluate([Bare()], **kw2))
+    log2 = other / "eval" / "accounting.jsonl"
+    lines = [json.loads(line) for line in log2.read_text().splitlines()]
+    lines[1]["machine"]["cpu"] = "Other CPU 9000"  # the second process made no request
+    log2.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert not any("different machines" in w for w in asyncio.run(evaluate([Bare()], **kw2)).summary["warnings"])
+
+    # a target served over HTTP: the machine running picaco does not draw its answers
+    kw3, _ = setup(tmp_path / "http")
+    asyncio.run(evaluate([Bare()], **kw3))
+    log3 = tmp_path / "http" / "eval" / "accounting.jsonl"
+    rec = json.loads(log3.read_text())
+    rec["machine"]["cpu"] = "Other CPU 9000"
+    log3.write_text(json.dumps(rec) + "\n")
+    assert not any("different machines" in w for w in asyncio.run(evaluate(methods(), **kw3)).summary["warnings"])
+
+
 def test_a_machine_is_described_in_one_line():
     info = {"cpu": "AMD EPYC 7B13", "arch": "x86_64", "cores": 2, "os": "Linux-6.1-x86_64",
             "python": "3.11.9", "llama_cpp_python": "0.3.16", "llama_cpp_system": "AVX2 = 1"}

@@ -1147,6 +1147,38 @@ def test_provenance_names_the_machine_but_the_fingerprint_does_not(tmp_path):
     assert "machine" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
 
 
+@pytest.mark.parametrize("kind", ["embedded", "fake"])
+def test_a_run_resumed_on_another_machine_says_so(tmp_path, kind):
+    """An embedded target's samples differ across CPUs: a run resumed on another machine mixes two
+    draws, and its result and report say so. A target served elsewhere is not flagged."""
+    import platform
+
+    params = SMALL.model_copy(update={"rounds": 2})
+    killed = Setup(Tripwire(10, "target"))  # in round 1
+    killed.target_backend.kind = kind
+    with pytest.raises(Killed):
+        killed.run(tmp_path / "run", params)
+    events = _records(tmp_path / "run", "events.jsonl")
+    assert events[0]["event"] == "start" and events[0]["machine"]["python"] == platform.python_version()
+    # the first process ran on another CPU
+    lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["machine"]["cpu"] = "Other CPU 9000"
+    (tmp_path / "run" / "events.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    resumed = Setup()
+    resumed.target_backend.kind = kind
+    result = resumed.run(tmp_path / "run", params)
+    flagged = [n for n in result.notes if "different machines" in n]
+    if kind == "embedded":
+        assert len(flagged) == 1 and "the samples of this run were made on 2 different machines" in flagged[0]
+        assert "Other CPU 9000" in flagged[0]
+        assert any(e["event"] == "warning" and "Other CPU 9000" in e["message"]
+                   for e in _records(tmp_path / "run", "events.jsonl"))
+    else:
+        assert flagged == []
+    assert [e["event"] for e in _records(tmp_path / "run", "events.jsonl") if "machine" in e] == ["start", "resume"]
+
+
 def test_result_carries_ratings_accounting_and_the_callers_config(tmp_path):
     s = Setup()
     result = s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}),

@@ -39,7 +39,7 @@ from picaco.evaluate import metrics
 from picaco.evaluate.report import markdown_summary
 from picaco.llm.accounting import Accounting
 from picaco.llm.client import LLMClient
-from picaco.machine import machine_info
+from picaco.machine import machine_info, mixed_machines_warning
 from picaco.values import ValueSet
 from picaco.optimize.rundir import append_lines, drop_partial_tail, lock_directory, strip_group
 
@@ -284,7 +284,8 @@ async def evaluate(
     finally:
         # also after a failure: what a stopped evaluation paid for and the faults that stopped it
         append_lines(out / ACCOUNTING, [{"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                         "outcome": outcome, "accounting": target.accounting.to_json()}])
+                                         "outcome": outcome, "accounting": target.accounting.to_json(),
+                                         "machine": machine_info()}])
         store.close()
 
 
@@ -348,6 +349,15 @@ async def _evaluate_into(
         share = s["unscored"]["share"]
         if share is not None and share > UNSCORED_WARNING:
             warnings.append(f"{name}: {share:.0%} of value ratings are unscored (the judge failed to parse)")
+    processes = _earlier_processes(out)
+    if store.state["target"].get("kind") == "embedded":
+        # the machines of the processes that generated something (a process that only read the
+        # rows back made none of them)
+        made = [p.get("machine") for p in processes if _paid(p["accounting"])]
+        mixed = mixed_machines_warning(made + ([machine_info()] if _paid(target.accounting.to_json()) else []),
+                                       "the rows of this directory")
+        if mixed:
+            warnings.append(mixed)
     for name, s in summary["methods"].items():
         s["calls_per_query"] = next(m for m in methods if m.name == name).calls_per_query(value_set)
         s["requests_this_run"] = next(m for m in methods if m.name == name).calls_spent
@@ -363,7 +373,7 @@ async def _evaluate_into(
         "same_judge": same,
         "warnings": warnings,
         "accounting": target.accounting.to_json(),
-        "accounting_all_processes": _all_processes(out, target.accounting),
+        "accounting_all_processes": _all_processes(processes, target.accounting),
         "machine": machine_info(),  # the embedded target's answers depend on the CPU (picaco.machine)
     })
     _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, sort_keys=True,
@@ -372,20 +382,33 @@ async def _evaluate_into(
     return EvaluationResult(out, summary, new_rows)
 
 
-def _all_processes(out: Path, current: Accounting) -> dict:
-    """What every process that worked on this directory paid for: the lines of accounting.jsonl
-    (earlier processes, stopped or finished) plus this one, whose line is written when it ends."""
-    total, processes = Accounting(), 1
+def _earlier_processes(out: Path) -> list[dict]:
+    """The lines of accounting.jsonl: one per earlier process that worked on this directory."""
     path = out / ACCOUNTING
+    lines = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                total.merge_json(json.loads(line)["accounting"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line torn by a hard kill: that process's spend is lost, not the rest
-            processes += 1
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a hard kill: that process's record is lost, not the rest
+            if isinstance(record, dict) and isinstance(record.get("accounting"), dict):
+                lines.append(record)
+    return lines
+
+
+def _paid(accounting: dict) -> bool:
+    return bool((accounting.get("total") or {}).get("calls"))
+
+
+def _all_processes(earlier: list[dict], current: Accounting) -> dict:
+    """What every process that worked on this directory paid for: the earlier processes' lines
+    (stopped or finished) plus this one, whose line is written when it ends."""
+    total = Accounting()
+    for record in earlier:
+        total.merge_json(record["accounting"])
     total.merge_json(current.to_json())
-    return {"processes": processes, **total.to_json()}
+    return {"processes": len(earlier) + 1, **total.to_json()}
 
 
 def evaluate_sync(methods: Sequence[Method], **kwargs) -> EvaluationResult:

@@ -33,7 +33,7 @@ from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError
 from picaco.llm.accounting import Accounting, Budget
 from picaco.llm.base import chat, fill_template
-from picaco.machine import machine_info
+from picaco.machine import machine_info, mixed_machines_warning
 from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
 from picaco.optimize.pools import Pools, Scored
@@ -324,6 +324,7 @@ class Engine:
         #: budget, Ctrl-C), all processes: paid for and redone later, so kept apart from the totals;
         #: their faults are why the run stopped (accounting.json's "unfinished units")
         self.unfinished = Accounting()
+        self.earlier_machines: list[dict] = []  # of the processes that started or resumed this run
         self._baseline: dict[int, dict] = {}
         self._mark_accounting_baseline()
         for acc in self._accountings():
@@ -481,6 +482,8 @@ class Engine:
         for r in self.rundir.records("events.jsonl"):
             if r.get("event") == "unit_failed" and "cost" in r:
                 self.unfinished.merge_json(r["cost"])
+            if r.get("event") in ("start", "resume") and r.get("machine"):
+                self.earlier_machines.append(r["machine"])
         if not costed and (self.responses or self.candidate_records):
             # a run directory from before per-unit costs: its accounting.json is the best record
             self.recorded.merge_json(self.rundir.read_json("accounting.json") or {})
@@ -807,7 +810,13 @@ class Engine:
             self.emit("run_end", **self._end_data(result))
             return result
         self._attach_budget()
-        self._event("resume" if resumed else "start", config_hash=config_hash(self.fingerprint()))
+        machine = machine_info()
+        if (_identity(self.target) or {}).get("kind") == "embedded":
+            mixed = mixed_machines_warning([*self.earlier_machines, machine], "the samples of this run")
+            if mixed:
+                self.warn(mixed)
+        self._event("resume" if resumed else "start", config_hash=config_hash(self.fingerprint()),
+                    machine=machine)
         self.emit("run_start", **self._start_data(resumed))
         for message in self.pending_warnings + self._preflight_warnings():
             self.warn(message)
