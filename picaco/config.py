@@ -78,7 +78,7 @@ class RoleConfig(BaseModel):
     #: more OpenAI-compatible base URLs serving the same model: requests are spread over
     #: base_url + endpoints, and an endpoint that keeps failing is skipped (failover); an entry is a
     #: URL (the role's key) or {url, api_key_env | api_key_file} (a key of its own)
-    endpoints: list[str | EndpointConfig] = Field(default_factory=list)
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
     #: environment variable holding the API key (openai backend); the key itself is never stored
     api_key_env: str | None = None
     #: or a file containing only the key
@@ -101,6 +101,14 @@ class RoleConfig(BaseModel):
     def _no_inline_secrets(cls, data: Any) -> Any:
         return _refuse_inline_secrets(data)
 
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _plain_urls(cls, value: Any) -> Any:
+        # a plain URL is an endpoint with the role's key
+        if isinstance(value, list):
+            return [{"url": v} if isinstance(v, str) else v for v in value]
+        return value
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "RoleConfig":
         if self.backend == "openai" and not self.base_url:
@@ -120,11 +128,8 @@ class RoleConfig(BaseModel):
         key = self.resolve_api_key()
         out: list[tuple[str, str | None]] = [(self.base_url, key)]
         for e in self.endpoints:
-            if isinstance(e, str):
-                out.append((e, key))
-            else:
-                own = e.api_key_file is not None or e.api_key_env
-                out.append((e.url, _read_key(e.api_key_env, e.api_key_file) if own else key))
+            own = e.api_key_file is not None or e.api_key_env
+            out.append((e.url, _read_key(e.api_key_env, e.api_key_file) if own else key))
         return out
 
 

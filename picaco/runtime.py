@@ -56,8 +56,7 @@ def _backend_key(cfg: RoleConfig) -> tuple:
     model = cfg.model
     if cfg.backend == "embedded" and os.path.exists(model):
         model = str(Path(model).resolve())
-    endpoints = tuple(e if isinstance(e, str) else (e.url, e.api_key_env, str(e.api_key_file))
-                      for e in cfg.endpoints)
+    endpoints = tuple((e.url, e.api_key_env, str(e.api_key_file)) for e in cfg.endpoints)
     return (cfg.backend, model, cfg.base_url, endpoints, cfg.api_key_env, str(cfg.api_key_file),
             cfg.n_ctx, cfg.parallel_responses)
 
