@@ -350,11 +350,12 @@ async def _evaluate_into(
         if share is not None and share > UNSCORED_WARNING:
             warnings.append(f"{name}: {share:.0%} of value ratings are unscored (the judge failed to parse)")
     processes = _earlier_processes(out)
+    machine = machine_info()
     if store.state["target"].get("kind") == "embedded":
         # the machines of the processes that generated something (a process that only read the
         # rows back made none of them)
         made = [p.get("machine") for p in processes if _paid(p["accounting"])]
-        mixed = mixed_machines_warning(made + ([machine_info()] if _paid(target.accounting.to_json()) else []),
+        mixed = mixed_machines_warning(made + ([machine] if _paid(target.accounting.to_json()) else []),
                                        "the rows of this directory")
         if mixed:
             warnings.append(mixed)
@@ -374,7 +375,7 @@ async def _evaluate_into(
         "warnings": warnings,
         "accounting": target.accounting.to_json(),
         "accounting_all_processes": _all_processes(processes, target.accounting),
-        "machine": machine_info(),  # the embedded target's answers depend on the CPU (picaco.machine)
+        "machine": machine,  # the embedded target's answers depend on the CPU (picaco.machine)
     })
     _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, sort_keys=True,
                                                    allow_nan=False))
