@@ -186,6 +186,40 @@ def test_each_process_logs_its_accounting_also_when_an_endpoint_stops_it(tmp_pat
     assert "Requests paid for: 8 by this process, 13 by all 2 processes that worked on this directory" in md
 
 
+def test_a_client_reused_for_two_evaluations_books_each_its_own_spend(tmp_path):
+    """A library caller may keep one client (and its cumulative accounting) for several evaluations:
+    each directory records what was paid for while it was written, not the client's running total."""
+    kw, backend = setup(tmp_path)
+    first = asyncio.run(evaluate(methods(), **kw))
+    second = asyncio.run(evaluate([Bare(), Persona()], **{**kw, "out_dir": tmp_path / "other"}))
+    assert backend.generate_calls == 12 + 8 and kw["target"].accounting.total().calls == 20
+    assert first.summary["accounting"]["target"]["calls"] == 12
+    # Q's four answers are cache misses again here (the fake client has no cache), MP's four are new
+    assert second.summary["accounting"]["target"]["calls"] == 8
+    assert second.summary["accounting"]["total"]["calls"] == 8
+    [line] = [json.loads(x) for x in (tmp_path / "other" / "accounting.jsonl").read_text().splitlines()]
+    assert line["accounting"]["target"]["calls"] == 8
+    assert second.summary["accounting_all_processes"]["total"]["calls"] == 8
+
+
+def test_accounting_since_subtracts_every_count_and_drops_idle_roles():
+    from picaco.llm.accounting import Accounting
+
+    acct = Accounting()
+    acct.record_call("optimizer", prompt_tokens=10, completion_tokens=5, seconds=1.0)
+    acct.record_call("target", prompt_tokens=3, completion_tokens=2, seconds=0.5)
+    acct.record_faults("target", {"timeout": 1}, retries=1)
+    before = acct.to_json()
+    acct.record_call("target", prompt_tokens=7, completion_tokens=4, seconds=0.25)
+    acct.record_hit("target")
+    acct.record_faults("target", {"timeout": 2, "server_error": 1}, retries=3)
+    delta = acct.since(before).to_json()
+    assert set(delta) == {"target", "total"}  # the optimizer did nothing since
+    assert delta["target"] == {"calls": 1, "cache_hits": 1, "prompt_tokens": 7, "completion_tokens": 4,
+                               "seconds": 0.25, "retries": 3, "faults": {"timeout": 2, "server_error": 1}}
+    assert acct.since(acct.to_json()).to_json()["total"]["calls"] == 0
+
+
 def test_the_summary_names_the_machine(tmp_path):
     import platform
 

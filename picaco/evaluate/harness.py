@@ -271,9 +271,12 @@ async def evaluate(
     }
     store = _Store(out, state)
     outcome = "finished"
+    # a library caller may reuse one client for several evaluations: each directory records only
+    # what was paid for while it was being written
+    before = target.accounting.to_json()
     try:
         return await _evaluate_into(
-            store, methods, target=target, judge=judge, redundancy=redundancy, value_set=value_set,
+            store, methods, before=before, target=target, judge=judge, redundancy=redundancy, value_set=value_set,
             queries=queries, seed=seed, temperature=temperature, max_tokens=max_tokens,
             samples_per_query=samples_per_query, batch_size=batch_size, baseline=baseline,
             fake_threshold=fake_threshold, n_boot=n_boot, confidence=confidence, progress=progress,
@@ -284,13 +287,13 @@ async def evaluate(
     finally:
         # also after a failure: what a stopped evaluation paid for and the faults that stopped it
         append_lines(out / ACCOUNTING, [{"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                         "outcome": outcome, "accounting": target.accounting.to_json(),
+                                         "outcome": outcome, "accounting": target.accounting.since(before).to_json(),
                                          "machine": machine_info()}])
         store.close()
 
 
 async def _evaluate_into(
-    store: _Store, methods, *, target, judge, redundancy, value_set, queries, seed, temperature,
+    store: _Store, methods, *, before: dict, target, judge, redundancy, value_set, queries, seed, temperature,
     max_tokens, samples_per_query, batch_size, baseline, fake_threshold, n_boot, confidence, progress,
 ) -> EvaluationResult:
     out = store.dir
@@ -350,12 +353,13 @@ async def _evaluate_into(
         if share is not None and share > UNSCORED_WARNING:
             warnings.append(f"{name}: {share:.0%} of value ratings are unscored (the judge failed to parse)")
     processes = _earlier_processes(out)
+    spent = target.accounting.since(before)
     machine = machine_info()
     if store.state["target"].get("kind") == "embedded":
         # the machines of the processes that generated something (a process that only read the
         # rows back made none of them)
         made = [p.get("machine") for p in processes if _paid(p["accounting"])]
-        mixed = mixed_machines_warning(made + ([machine] if _paid(target.accounting.to_json()) else []),
+        mixed = mixed_machines_warning(made + ([machine] if _paid(spent.to_json()) else []),
                                        "the rows of this directory")
         if mixed:
             warnings.append(mixed)
@@ -373,8 +377,8 @@ async def _evaluate_into(
         "queries": {"n": len(queries), "ids": order},
         "same_judge": same,
         "warnings": warnings,
-        "accounting": target.accounting.to_json(),
-        "accounting_all_processes": _all_processes(processes, target.accounting),
+        "accounting": spent.to_json(),
+        "accounting_all_processes": _all_processes(processes, spent),
         "machine": machine,  # the embedded target's answers depend on the CPU (picaco.machine)
     })
     _write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False, sort_keys=True,

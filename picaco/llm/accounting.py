@@ -149,15 +149,28 @@ class Accounting:
 
     def merge_json(self, data: dict) -> None:
         """Add counts saved by an earlier (interrupted) process of the same run."""
+        self._add_json(data, 1)
+
+    def since(self, before: dict) -> Accounting:
+        """What was counted after `before` (an earlier `to_json()` of this accounting): the spend of
+        one piece of work done on a client that is used for more than that work."""
+        delta = Accounting()
+        delta.merge_json(self.to_json())
+        delta._add_json(before, -1)
+        delta.roles = {name: r for name, r in delta.roles.items() if r.to_json() != RoleStats().to_json()}
+        return delta
+
+    def _add_json(self, data: dict, sign: int) -> None:
         for role, d in data.items():
             if role == "total":
                 continue
             s = self.role(role)
             with self._lock:
-                s.calls += d.get("calls", 0)
-                s.cache_hits += d.get("cache_hits", 0)
-                s.prompt_tokens += d.get("prompt_tokens", 0)
-                s.completion_tokens += d.get("completion_tokens", 0)
-                s.seconds += d.get("seconds", 0.0)
-                s.retries += d.get("retries", 0)
-                s.faults.update(d.get("faults", {}))
+                s.calls += sign * d.get("calls", 0)
+                s.cache_hits += sign * d.get("cache_hits", 0)
+                s.prompt_tokens += sign * d.get("prompt_tokens", 0)
+                s.completion_tokens += sign * d.get("completion_tokens", 0)
+                s.seconds += sign * d.get("seconds", 0.0)
+                s.retries += sign * d.get("retries", 0)
+                s.faults.update({k: sign * n for k, n in d.get("faults", {}).items()})
+                s.faults = +s.faults  # drops the kinds that cancelled out
