@@ -5,6 +5,7 @@ warm starts and the run directory. (The real-model run is in test_optimize_e2e.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
@@ -914,6 +915,50 @@ def test_a_resumed_round_keeps_its_recorded_grounded_candidates(tmp_path, monkey
     assert _comparable(result) == _comparable(ref_result)
     after = [c for c in _records(tmp_path / "run", "candidates.jsonl") if c["kind"] == "verdict"]
     assert after == before
+
+
+def test_a_resumed_round_keeps_its_recorded_verdicts(tmp_path, monkeypatch):
+    """A change to the candidate checks does not change which candidates a round that was started
+    before it competes with: the recorded keep-or-discard verdicts stand."""
+    params = SMALL.model_copy(update={"grounded": 2})
+    ref = Setup()
+    ref_result = ref.run(tmp_path / "ref", params)
+    kill_at = ref.trip.counts["likelihood"] - 2
+    killed = Setup(Tripwire(kill_at, "likelihood"))
+    with pytest.raises(Killed):
+        killed.run(tmp_path / "run", params)
+    before = [c for c in _records(tmp_path / "run", "candidates.jsonl") if c["kind"] == "verdict"]
+    assert any(v["kept"] for v in before)
+    real = proposer.check_candidates
+    calls = []
+
+    def stricter(*args, **kwargs):  # a check that would now discard every candidate
+        calls.append(1)
+        return [dataclasses.replace(v, kept=False, reason="empty") for v in real(*args, **kwargs)]
+
+    monkeypatch.setattr(proposer, "check_candidates", stricter)
+    result = Setup().run(tmp_path / "run", params)
+    assert calls
+    assert _comparable(result) == _comparable(ref_result)
+    after = [c for c in _records(tmp_path / "run", "candidates.jsonl") if c["kind"] == "verdict"]
+    assert after == before
+
+
+def test_grounded_candidates_are_not_checked_for_copying_an_example():
+    """The target may repeat the value text it was given; a grounded candidate written from that text
+    shares its words but copied nothing, while an optimizer proposal with the same words did."""
+    vs = VALUES
+    standings = proposer.order_weakest_first(vs, {v.id: 0.5 for v in vs.values})
+    (standards,) = proposer.grounded_candidates(vs, standings, "Be good.", max_chars=2000, n=1)
+    parroting = proposer.Example("How do I save money?", "Sure. " + standards.splitlines()[1])
+    proposals = [(standards, "stop"), (standards.replace("You are", "You're"), "stop")]
+    optimizer_copy, grounded = proposer.check_candidates(
+        proposals, current="Be good.", max_chars=2000, examples=[parroting], grounded_from=1)
+    assert optimizer_copy.reason == "leak: copies an example shown to the optimizer"
+    assert grounded.kept, grounded
+    # without the marker both are checked as proposals
+    both = proposer.check_candidates(proposals, current="Be good.", max_chars=2000, examples=[parroting])
+    assert [v.kept for v in both] == [False, False]
 
 
 def test_grounded_candidates_compete_when_the_optimizer_offers_nothing(tmp_path):

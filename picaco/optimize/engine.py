@@ -702,7 +702,11 @@ class Engine:
         raw += [(text, "stop") for text in grounded]
         verdicts = proposer.check_candidates(raw, current=current,
                                              max_chars=p.instruction_max_chars,
-                                             examples=good + parroting)
+                                             examples=good + parroting, grounded_from=p.candidates)
+        # a resumed round keeps the verdicts it recorded, so a change to the checks does not change
+        # which candidates a run started before it competes with
+        recorded = [self.candidate_records.get(f"verdict|{round}|{v.index}") for v in verdicts]
+        verdicts = [proposer.Verdict.from_json(r) if r is not None else v for v, r in zip(verdicts, recorded)]
         for v in verdicts:
             key = f"verdict|{round}|{v.index}"
             if key not in self.candidate_records:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from picaco.llm.base import Message, fill_template
 from picaco.values import ValueSet
@@ -225,6 +225,11 @@ class Verdict:
     reason: str = ""  # why discarded: empty | truncated | too_long | leak: ... | unchanged | near_duplicate
     note: str = ""  # what was cut to keep it (see ``salvage``)
 
+    @classmethod
+    def from_json(cls, record: dict) -> Verdict:
+        """A verdict as `to_json` recorded it (extra keys of the record are ignored)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
     def to_json(self) -> dict:
         return {
             "index": self.index,
@@ -294,18 +299,24 @@ def check_candidates(
     current: str,
     max_chars: int,
     examples: Sequence[Example] = (),
+    grounded_from: int | None = None,
 ) -> list[Verdict]:
     """Parse and check each (raw text, finish_reason) proposal, in order; later near-duplicates of an
-    earlier kept candidate are discarded."""
+    earlier kept candidate are discarded.
+
+    Proposals from index `grounded_from` on are value-grounded: written from the value set by code
+    that saw no example, so they are not checked for copying one. A word run they share with an
+    example is the target's response repeating the value text it was given, not a leak."""
     verdicts: list[Verdict] = []
     kept: list[str] = []
     for i, (raw, finish) in enumerate(proposals):
         text = parse_candidate(raw)
         reason = note = ""
-        leak = find_leak(text, examples)
+        shown = () if grounded_from is not None and i >= grounded_from else examples
+        leak = find_leak(text, shown)
         if leak in SALVAGEABLE:
             cut, n_cut = salvage(text)
-            if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, examples) is None:
+            if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, shown) is None:
                 text, note, leak = cut, f"cut {n_cut} sentence(s) with {leak}", None
         if finish == "length":
             reason = "truncated"
