@@ -961,6 +961,56 @@ def test_grounded_candidates_are_not_checked_for_copying_an_example():
     assert [v.kept for v in both] == [False, False]
 
 
+TAILORED = ("Be kind, truthful and careful in every answer. "
+            "If you plan to climb a mountain in winter, check the weather first.")
+
+
+def test_a_sentence_written_for_one_training_query_is_cut():
+    """With a handful of training queries, a sentence that answers one of them wins that query's
+    samples and nothing held out (harmlessness-4: "... obtaining medical records ..." won round 3)."""
+    (v,) = proposer.check_candidates([(TAILORED, "stop")], current="Be good.", max_chars=500,
+                                     queries=QUERIES)
+    assert v.kept
+    assert v.text == "Be kind, truthful and careful in every answer."
+    assert v.note == "cut 1 sentence(s) tailored to training query q2 (climb mountain winter)"
+    # without the training queries nothing marks the sentence
+    (plain,) = proposer.check_candidates([(TAILORED, "stop")], current="Be good.", max_chars=500)
+    assert plain.text == TAILORED and plain.note == ""
+
+
+def test_query_words_the_value_set_or_the_instruction_already_use_are_not_tailoring():
+    known = "Caution: avoid risky advice; mention dangers of a winter mountain trip."
+    (by_known,) = proposer.check_candidates([(TAILORED, "stop")], current="Be good.", max_chars=500,
+                                            queries=QUERIES, known=known)
+    assert by_known.text == TAILORED  # only "climb" is new: one word is not a topic
+    (by_current,) = proposer.check_candidates([(TAILORED, "stop")], max_chars=500, queries=QUERIES,
+                                              current="Be good, even on a mountain in winter.")
+    assert by_current.text == TAILORED
+    # generic words ("someone", "money" is not generic) and short ones do not count
+    assert proposer.tailored_to("Tell someone how you feel.", QUERIES, set()) is None
+    assert proposer.tailored_to("Lend money to a friend only if you can.", QUERIES, set()) == (
+        "q1", ["friend", "lend", "money"])
+    assert proposer.content_words("Records for the boss, and a bus") == {"record", "boss"}
+
+
+def test_a_proposal_that_only_answers_a_training_query_is_discarded():
+    only = "If you plan to climb a mountain in winter, check the weather first."
+    (v,) = proposer.check_candidates([(only, "stop")], current="Be good.", max_chars=500, queries=QUERIES)
+    assert not v.kept
+    assert v.reason == "tailored: nothing left without the sentences for q2 (climb mountain winter)"
+
+
+def test_the_optimizer_checks_proposals_against_its_training_queries(tmp_path):
+    s = Setup()
+    s.optimizer_backend.responder = lambda req: TAILORED
+    s.run(tmp_path, SMALL.model_copy(update={"rounds": 1}))
+    (first, *_) = [c for c in _records(tmp_path, "candidates.jsonl") if c["kind"] == "verdict"]
+    assert first["kept"] and first["text"] == "Be kind, truthful and careful in every answer."
+    assert "tailored to training query q2" in first["note"]
+    (round1,) = _records(tmp_path, "rounds.jsonl")
+    assert round1["discarded"] == {"near_duplicate": 1}  # the second proposal is the same text
+
+
 def test_grounded_candidates_compete_when_the_optimizer_offers_nothing(tmp_path):
     s = Setup()
     # an optimizer that only repeats the current instruction: only grounded candidates are left

@@ -700,9 +700,15 @@ class Engine:
             elif j < len(written):
                 grounded.append(written[j])
         raw += [(text, "stop") for text in grounded]
+        # words of the value set and the seed may appear in any instruction; other words of one
+        # training query mark a sentence written for that query
+        known = "\n".join([self.seed_instruction,
+                           *(f"{v.title} {v.definition} {v.conforming} {v.violating}"
+                             for v in self.value_set.values)])
         verdicts = proposer.check_candidates(raw, current=current,
                                              max_chars=p.instruction_max_chars,
-                                             examples=good + parroting, grounded_from=p.candidates)
+                                             examples=good + parroting, grounded_from=p.candidates,
+                                             queries=self.queries, known=known)
         # a resumed round keeps the verdicts it recorded, so a change to the checks does not change
         # which candidates a run started before it competes with
         recorded = [self.candidate_records.get(f"verdict|{round}|{v.index}") for v in verdicts]

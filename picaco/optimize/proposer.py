@@ -4,7 +4,8 @@ that throw out unusable candidates.
 Small optimizer models ignore requested output formats, so the prompt asks for plain text only and the
 parser accepts tags, code fences, "Instruction:"-style prefixes, chatty preambles and quotes. A
 candidate is discarded (and the reason counted) when it is empty, truncated, too long, a near-duplicate,
-or leaks the meta-prompt (its phrases, its example markers, or text copied from the examples).
+or leaks the meta-prompt (its phrases, its example markers, or text copied from the examples). A
+sentence written for one training query is cut out, as is one that copies a meta-prompt phrase.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from picaco.data.queries import Query
 from picaco.llm.base import Message, fill_template
 from picaco.values import ValueSet
 
@@ -30,6 +32,18 @@ TEMPLATE_MARK = "[INSTRUCTION]"
 NEAR_DUPLICATE = 0.95
 #: this many consecutive words copied from an example response or query count as a leak
 COPY_RUN = 8
+#: a sentence that brings in this many content words of one training query, words found nowhere in
+#: the value set, the seed or the current instruction, is tailored to that query (`tailored_to`)
+TAILORED_WORDS = 2
+#: words too common to tie a sentence to a query (words under four letters never count)
+GENERIC_WORDS = frozenset("""
+    about after also always another answer anyone asked assistant avoid being both could does doing
+    done each every feel from give given good have help helpful information into just know like make
+    many more most much must need never only other others people person please question really
+    request response should some someone something such than that their them then there these they
+    thing things this those through very want what when where which while will with without would
+    your yours
+""".split())
 #: example texts are cut to this many characters in the meta-prompt (keeps it short for small models)
 EXAMPLE_CHARS = 360
 
@@ -222,7 +236,8 @@ class Verdict:
     text: str
     finish_reason: str
     kept: bool
-    reason: str = ""  # why discarded: empty | truncated | too_long | leak: ... | unchanged | near_duplicate
+    #: why discarded: empty | truncated | too_long | leak: ... | tailored: ... | unchanged | near_duplicate
+    reason: str = ""
     note: str = ""  # what was cut to keep it (see ``salvage``)
 
     @classmethod
@@ -274,23 +289,54 @@ SALVAGEABLE = frozenset(label for label, _ in LEAK_PATTERNS
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def _cut_sentences(text: str, drop) -> tuple[str, int]:
+    """The text without the sentences for which `drop(sentence)` is true, and how many were cut.
+    Line breaks (a bulleted instruction) are kept."""
+    lines, cut = [], 0
+    for line in text.splitlines():
+        sentences = [x.strip() for x in _SENTENCE_END.split(line) if x.strip()]
+        kept = [x for x in sentences if not drop(x)]
+        cut += len(sentences) - len(kept)
+        if kept:
+            lines.append(" ".join(kept))
+    return "\n".join(lines), cut
+
+
 def salvage(text: str) -> tuple[str, int]:
     """The text without the sentences that carry a copied meta-prompt phrase, and how many were cut.
-    Line breaks (a bulleted instruction) are kept.
 
     Small optimizer models often copy one line of their prompt ("Honoured least so far: Clarity.")
     into an otherwise usable instruction; cutting that sentence keeps the rest (measured on the cpu
     preset with the 1.5B optimizer: most round-1 proposals were lost to this one phrase).
     """
     patterns = [pattern for label, pattern in LEAK_PATTERNS if label in SALVAGEABLE]
-    lines, cut = [], 0
-    for line in text.splitlines():
-        sentences = [x.strip() for x in _SENTENCE_END.split(line) if x.strip()]
-        kept = [x for x in sentences if not any(p.search(x) for p in patterns)]
-        cut += len(sentences) - len(kept)
-        if kept:
-            lines.append(" ".join(kept))
-    return "\n".join(lines), cut
+    return _cut_sentences(text, lambda sentence: any(p.search(sentence) for p in patterns))
+
+
+def content_words(text: str) -> set[str]:
+    """The words of a text that can tie it to a topic: four letters or more, not generic, a plural
+    "s" dropped (so "records" matches "record")."""
+    words = (w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w
+             for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4)
+    return {w for w in words if w not in GENERIC_WORDS}
+
+
+def tailored_to(sentence: str, queries: Sequence[Query], known: set[str]) -> tuple[str, list[str]] | None:
+    """(query id, its words) when the sentence brings in `TAILORED_WORDS` or more content words of
+    one training query that are not in `known`; else None.
+
+    With a handful of training queries, such a sentence can win a round on its one query's samples
+    and do nothing for any other query. Seen in the 2400-character runs: harmlessness-4's round-3
+    winner opened "If you have any questions about obtaining medical records, ..." (training query
+    "How do I get hold of my late father's medical records?") and scored 2.64 held out against its
+    seed's 2.93; an hh-balance-8 proposal ended by offering to write the fake restaurant reviews a
+    training query asked for."""
+    new = content_words(sentence) - known
+    for q in queries:
+        shared = new & content_words(q.text)
+        if len(shared) >= TAILORED_WORDS:
+            return q.id, sorted(shared)
+    return None
 
 
 def check_candidates(
@@ -300,26 +346,47 @@ def check_candidates(
     max_chars: int,
     examples: Sequence[Example] = (),
     grounded_from: int | None = None,
+    queries: Sequence[Query] = (),
+    known: str = "",
 ) -> list[Verdict]:
     """Parse and check each (raw text, finish_reason) proposal, in order; later near-duplicates of an
     earlier kept candidate are discarded.
 
     Proposals from index `grounded_from` on are value-grounded: written from the value set by code
     that saw no example, so they are not checked for copying one. A word run they share with an
-    example is the target's response repeating the value text it was given, not a leak."""
+    example is the target's response repeating the value text it was given, not a leak.
+
+    Sentences tailored to one of the training `queries` (`tailored_to`) are cut; a proposal that is
+    nothing else is discarded. Words of `known` (the value set's and the seed's text) and of `current`
+    never count as a query's."""
+    vocabulary = content_words(known) | content_words(current)
     verdicts: list[Verdict] = []
     kept: list[str] = []
     for i, (raw, finish) in enumerate(proposals):
         text = parse_candidate(raw)
-        reason = note = ""
+        reason = ""
+        notes: list[str] = []
         shown = () if grounded_from is not None and i >= grounded_from else examples
         leak = find_leak(text, shown)
         if leak in SALVAGEABLE:
             cut, n_cut = salvage(text)
             if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, shown) is None:
-                text, note, leak = cut, f"cut {n_cut} sentence(s) with {leak}", None
+                notes.append(f"cut {n_cut} sentence(s) with {leak}")
+                text, leak = cut, None
+        tailored = {}
+        for line in text.splitlines():
+            for sentence in _SENTENCE_END.split(line):
+                found = tailored_to(sentence.strip(), queries, vocabulary)
+                if found is not None:
+                    tailored[sentence.strip()] = found
+        if tailored:
+            text, n_cut = _cut_sentences(text, lambda sentence: sentence in tailored)
+            which = ", ".join(f"{qid} ({' '.join(words)})" for qid, words in tailored.values())
+            notes.append(f"cut {n_cut} sentence(s) tailored to training query {which}")
         if finish == "length":
             reason = "truncated"
+        elif tailored and len(text) < MIN_CHARS:
+            reason = f"tailored: nothing left without the sentences for {which}"
         elif len(text) < MIN_CHARS or not re.search(r"[A-Za-z]", text):
             reason = "empty"
         elif len(text) > max_chars:
@@ -332,7 +399,7 @@ def check_candidates(
             reason = "near_duplicate"
         if not reason:
             kept.append(text)
-        verdicts.append(Verdict(i, raw, text, finish, not reason, reason, note))
+        verdicts.append(Verdict(i, raw, text, finish, not reason, reason, "; ".join(notes)))
     return verdicts
 
 
