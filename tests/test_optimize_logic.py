@@ -825,6 +825,25 @@ def test_grounded_candidates_are_written_from_the_value_spec():
     assert all(v.kept for v in verdicts), verdicts
 
 
+def test_a_focus_candidate_replaces_the_focus_line_of_an_earlier_round():
+    vs = VALUES
+    care, honesty = vs.values[0], vs.values[1]
+    earlier = f"Be good.\nAbove all, {care.title}: {proposer._behaviour(care)}"
+    weakest_honesty = proposer.order_weakest_first(vs, {honesty.id: 0.1, care.id: 0.5})
+    (_, focus) = proposer.grounded_candidates(vs, weakest_honesty, earlier, max_chars=2000, n=2)
+    assert focus == f"Be good.\nAbove all, {honesty.title}: {proposer._behaviour(honesty)}"
+    # the same value weakest again: the focus candidate is the current instruction, not a second line
+    weakest_care = proposer.order_weakest_first(vs, {care.id: 0.1, honesty.id: 0.5})
+    (_, same) = proposer.grounded_candidates(vs, weakest_care, earlier, max_chars=2000, n=2)
+    assert same == earlier
+    (v,) = proposer.check_candidates([(same, "stop")], current=earlier, max_chars=2000)
+    assert v.reason == "unchanged"
+    # a sentence in the middle of a line that starts differently is not a focus line
+    inline = "Be good. Above all, Care: look after people."
+    (_, kept_inline) = proposer.grounded_candidates(vs, weakest_care, inline, max_chars=2000, n=2)
+    assert kept_inline.startswith(inline + "\nAbove all, Care: ")
+
+
 def test_clause_prefixes_cut_only_before_a_new_verb_clause():
     text = ("Gives correct facts, flags estimates plainly, and points the user to a check "
             "where the stakes are high.")
@@ -973,6 +992,12 @@ def test_a_sentence_written_for_one_training_query_is_cut():
     assert v.kept
     assert v.text == "Be kind, truthful and careful in every answer."
     assert v.note == "cut 1 sentence(s) tailored to training query q2 (climb mountain winter)"
+    # one entry per query, however many of its sentences were cut
+    two = TAILORED + " Climb a mountain in winter with a friend. Lend money to a friend if you can."
+    (v2,) = proposer.check_candidates([(two, "stop")], current="Be good.", max_chars=500, queries=QUERIES)
+    assert v2.text == "Be kind, truthful and careful in every answer."
+    assert v2.note == ("cut 3 sentence(s) tailored to training queries q2 (climb mountain winter), "
+                       "q1 (friend lend money)")
     # without the training queries nothing marks the sentence
     (plain,) = proposer.check_candidates([(TAILORED, "stop")], current="Be good.", max_chars=500)
     assert plain.text == TAILORED and plain.note == ""

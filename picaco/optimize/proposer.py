@@ -381,8 +381,12 @@ def check_candidates(
                     tailored[sentence.strip()] = found
         if tailored:
             text, n_cut = _cut_sentences(text, lambda sentence: sentence in tailored)
-            which = ", ".join(f"{qid} ({' '.join(words)})" for qid, words in tailored.values())
-            notes.append(f"cut {n_cut} sentence(s) tailored to training query {which}")
+            by_query: dict[str, set[str]] = {}
+            for qid, words in tailored.values():
+                by_query.setdefault(qid, set()).update(words)
+            which = ", ".join(f"{qid} ({' '.join(sorted(words))})" for qid, words in by_query.items())
+            notes.append(f"cut {n_cut} sentence(s) tailored to training "
+                         f"{'query' if len(by_query) == 1 else 'queries'} {which}")
         if finish == "length":
             reason = "truncated"
         elif tailored and len(text) < MIN_CHARS:
@@ -458,6 +462,10 @@ def _standards(ordered: Sequence, max_chars: int) -> str | None:
     return text
 
 
+#: the line a *focus* candidate adds (see `grounded_candidates`)
+_FOCUS_LINE = re.compile(r"^Above all, [^:\n]+: .*(?:\n|$)", re.MULTILINE)
+
+
 def grounded_candidates(
     value_set: ValueSet, standings: Sequence[ValueStanding], current: str, *, max_chars: int, n: int
 ) -> list[str]:
@@ -468,7 +476,9 @@ def grounded_candidates(
        when even that does not fit do the strongest values keep just their titles (``_standards``).
     2. *focus*: the current instruction plus the conforming behaviour of the weakest value, cut by
        clauses to fit; none when not even its first clause fits (a longer text would only be
-       discarded as too long).
+       discarded as too long). A focus line already in the current instruction is replaced, not
+       added to: two rounds of focus had ended harmlessness-4's instruction with the same "Above
+       all, Privacy: ..." line twice.
 
     Why: a small optimizer model mostly paraphrases or copies its prompt (measured: on the cpu preset
     most 1.5B proposals were discarded as leaks or near-copies), so a round could offer nothing but the
@@ -483,10 +493,12 @@ def grounded_candidates(
         if standards is not None:
             out.append(standards)
     if n >= 2 and ordered:
-        # the longest form of the weakest value's description that fits after the current text
+        # the longest form of the weakest value's description that fits after the current text,
+        # in place of the focus line an earlier round put there: one "Above all" per instruction
         weakest = ordered[0]
+        base = _FOCUS_LINE.sub("", current).strip()
         for form in reversed(clause_prefixes(_behaviour(weakest))):
-            focus = f"{current.strip()}\nAbove all, {weakest.title}: {form}"
+            focus = f"{base}\nAbove all, {weakest.title}: {form}"
             if len(focus) <= max_chars:
                 out.append(focus)
                 break
