@@ -373,14 +373,17 @@ def check_candidates(
             if n_cut and len(cut) >= MIN_CHARS and find_leak(cut, shown) is None:
                 notes.append(f"cut {n_cut} sentence(s) with {leak}")
                 text, leak = cut, None
-        tailored = {}
-        for line in text.splitlines():
-            for sentence in _SENTENCE_END.split(line):
-                found = tailored_to(sentence.strip(), queries, vocabulary)
-                if found is not None:
-                    tailored[sentence.strip()] = found
+        tailored: dict[str, tuple[str, list[str]]] = {}
+
+        def written_for_a_query(sentence: str) -> bool:
+            found = tailored_to(sentence, queries, vocabulary)
+            if found is not None:
+                tailored[sentence] = found
+            return found is not None
+
+        cut, n_cut = _cut_sentences(text, written_for_a_query)
         if tailored:
-            text, n_cut = _cut_sentences(text, lambda sentence: sentence in tailored)
+            text = cut
             by_query: dict[str, set[str]] = {}
             for qid, words in tailored.values():
                 by_query.setdefault(qid, set()).update(words)
