@@ -283,9 +283,15 @@ def print_result(result) -> None:
     if result.accounting:
         print_accounting(result.accounting)
     err.print(f"stopped: {result.stop_reason}; run directory: {result.run_dir}")
+    deployed = Path(result.run_dir) / "system_prompt.txt"
+    if not result.instruction.strip():
+        bare = "your template with an empty slot" if deployed.exists() else "no system prompt"
+        out.print(f"\n[bold]no instruction[/bold]: the bare model ({bare}) scored above "
+                  "the instruction this run chose in the final check (numbers in the report's "
+                  f"notes). {Path(result.run_dir) / 'instruction.txt'} is empty.")
+        return
     out.print("\n[bold]optimized instruction[/bold] (" + str(Path(result.run_dir) / "instruction.txt") + "):")
     out.print(result.instruction, markup=False, highlight=False)
-    deployed = Path(result.run_dir) / "system_prompt.txt"
     if deployed.exists():
         out.print(f"\n[bold]system prompt to deploy[/bold] (your template with it in the slot: {deployed})")
 

@@ -462,9 +462,12 @@ def test_estimate_counts_calls_per_role():
     est0 = estimate(paper_only, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3)
     assert est0.roles["target likelihood"].calls == 72  # (C+1)*N*pool = 24 per round, + 24 final
     samp = estimate(tiny, n_queries=2, n_values=3, mode="sampling", judge_calls_per_response=0)
-    # bare 4 + rounds 4 + final check 2*2 (the seed and the last instruction on fresh seeds)
-    # + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
-    assert samp.roles["target generate"].calls == 32
+    # bare 4 + rounds 4 + final check 3*2 (the seed, the last instruction and the bare model on
+    # fresh seeds) + per round (C+G+1)*min(minibatch, N)*n = 5*2*1 = 10, twice
+    assert samp.roles["target generate"].calls == 34
+    no_bare = tiny.model_copy(update={"weigh_bare": False})
+    assert estimate(no_bare, n_queries=2, n_values=3, mode="sampling",
+                    judge_calls_per_response=0).roles["target generate"].calls == 32
     assert "target likelihood" not in samp.roles
     assert "pre-flight estimate" in est.describe()
 
@@ -1361,7 +1364,7 @@ def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
     fp = json.loads((tmp_path / "balanced" / "config.json").read_text())["fingerprint"]["params"]
     assert fp["balance"] == 0.5
     assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
-        k: v for k, v in SMALL.model_dump(mode="json").items() if k != "balance"}
+        k: v for k, v in SMALL.model_dump(mode="json").items() if k not in ("balance", "weigh_bare", "final_queries")}
 
 
 class WordJudge(FakeJudge):
@@ -1460,6 +1463,154 @@ def test_sampling_mode_final_check_does_not_judge_the_seed_by_the_samples_that_k
     assert all(r == pytest.approx(1 + 4 * 0.5) for r in result.ratings_final.values())
 
 
+def test_the_final_check_returns_no_instruction_when_the_bare_model_beats_it(tmp_path, capsys):
+    # The bare model (no system message) answers GOOD, the seed BAD, "Solid" MEDIUM: Solid wins its
+    # round and beats the seed, but on the final check's fresh seeds the bare model beats Solid on
+    # every query, so the run returns no instruction (docs/method.md, "[decide] ... the bare model").
+    seed, solid = "Seed: be good.", "Solid: be steady."
+    params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1})
+
+    def answers(system, request):
+        return {"": "GOOD answer", solid: "MEDIUM answer"}.get(system, "BAD answer")
+
+    result = run_scripted(tmp_path, params, seed, answers, lambda request: solid)
+    assert [r["instruction"] for r in _records(tmp_path, "rounds.jsonl")] == [solid]
+    assert result.instruction == "" and result.selected_round is None
+    finals = [r for r in _records(tmp_path, "responses.jsonl") if r["phase"] == "final"]
+    assert sorted({r["text"] for r in finals}) == ["BAD answer", "GOOD answer", "MEDIUM answer"]
+    bare = [r for r in finals if r["text"] == "GOOD answer"]
+    assert {r["seed"] for r in bare} == {r["seed"] for r in finals if r["text"] == "MEDIUM answer"}
+    assert not {r["seed"] for r in bare} & round_seeds(params, 1)
+    # the seed-vs-final report shows the seed against what is returned: the bare model
+    assert all(r == pytest.approx(1 + 4 * 0.9) for r in result.ratings_final.values())
+    assert all(r == pytest.approx(1 + 4 * 0.2) for r in result.ratings_seed.values())
+    assert result.objective_final == pytest.approx(sum(r["f"] for r in bare) / len(bare))
+    [note] = [n for n in result.notes if n.startswith("final check against the bare model")]
+    assert "p = 0.000" in note and note.endswith("no instruction is returned")
+    assert (tmp_path / "instruction.txt").read_text() == "\n"
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["instruction"] == "" and prov["selected_round"] is None
+    assert prov["params"]["weigh_bare"] is True
+    # what the user reads: the command line and the report say "no instruction", not an empty box
+    from picaco.cli import print_result
+    from picaco.report import write_report
+
+    print_result(result)
+    printed = capsys.readouterr().out
+    assert "no instruction" in printed and "instruction.txt is empty" in " ".join(printed.split())
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert 'id="no-instruction"' in page and 'id="final-instruction"' not in page
+    assert "none: the bare model (no instruction) beat the run" in page
+    # evaluating the run's instruction evaluates the bare model; warm-starting from it is refused
+    from picaco.baselines import Instruction
+    from picaco.optimize import read_final_instruction
+
+    method = Instruction.from_path(tmp_path, "PICACO")
+    assert method.returned_none and method.system_prompt(VALUES) is None
+    with pytest.raises(ConfigError, match="returned no instruction"):
+        read_final_instruction(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "instruction.txt").write_text("\n")
+    with pytest.raises(DataError, match="the instruction is empty"):  # an empty file of no run
+        Instruction.from_path(tmp_path / "elsewhere", "PICACO")
+
+
+def test_the_final_check_keeps_the_instruction_unless_the_bare_model_is_demonstrably_better(tmp_path):
+    # The bare model answers GOOD on one query and TERRIBLE on the others against Solid's MEDIUM: a
+    # higher mean on one query is no evidence, so Solid is kept. With weigh_bare off the bare model
+    # is not sampled at all (and the setting leaves the run's fingerprint alone).
+    seed, solid = "Seed: be good.", "Solid: be steady."
+    params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1})
+
+    def answers(system, request):
+        if system == "":
+            return "GOOD answer" if request.messages[-1].content == QUERIES[0].text else "TERRIBLE answer"
+        return "MEDIUM answer" if system == solid else "BAD answer"
+
+    result = run_scripted(tmp_path / "on", params, seed, answers, lambda request: solid)
+    assert result.instruction == solid and result.selected_round == 1
+    [note] = [n for n in result.notes if n.startswith("final check against the bare model")]
+    assert note.endswith("round 1's instruction is kept")
+    off = params.model_copy(update={"weigh_bare": False})
+    result = run_scripted(tmp_path / "off", off, seed, answers, lambda request: solid)
+    assert result.instruction == solid
+    finals = [r for r in _records(tmp_path / "off", "responses.jsonl") if r["phase"] == "final"]
+    assert finals and "" not in {r["text"] for r in finals}
+    assert not {"GOOD answer", "TERRIBLE answer"} & {r["text"] for r in finals}
+    assert not any(n.startswith("final check against the bare model") for n in result.notes)
+    assert fingerprint_params(off) == fingerprint_params(params)
+
+
+def test_the_final_check_can_run_on_queries_no_round_saw(tmp_path):
+    # The rounds use q1 and q2; q3 is kept for the final check (final_queries = 1). The bare model
+    # answers BAD on q1 and q2 and GOOD on q3, "Solid" MEDIUM everywhere. On the rounds' queries the
+    # check keeps Solid; on q3, which no round saw, the bare model beats it and no instruction is
+    # returned. The held-out query is never sampled by a round, and the setting leaves the
+    # fingerprint alone (a finished run takes it with --refinish).
+    seed, solid = "Seed: be good.", "Solid: be steady."
+    base = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "n_queries": 2, "minibatch": 2})
+
+    def answers(system, request):
+        if system == "":
+            return "GOOD answer" if request.messages[-1].content == QUERIES[2].text else "BAD answer"
+        return "MEDIUM answer" if system == solid else "BAD answer"
+
+    reused = run_scripted(tmp_path / "reused", base, seed, answers, lambda request: solid)
+    assert reused.instruction == solid
+    held = base.model_copy(update={"final_queries": 1})
+    result = run_scripted(tmp_path / "held", held, seed, answers, lambda request: solid)
+    assert result.instruction == "" and result.selected_round is None
+    records = _records(tmp_path / "held", "responses.jsonl")
+    assert {r["query_id"] for r in records if r["phase"] == "final"} == {"q3"}
+    assert {r["query_id"] for r in records if r["phase"] != "final"} == {"q1", "q2"}
+    [note] = [n for n in result.notes if n.startswith("final check on fresh seeds")]
+    assert "over 1 queries no round saw" in note
+    prov = json.loads((tmp_path / "held" / "provenance.json").read_text())
+    assert prov["final_queries"] == ["q3"] and prov["params"]["final_queries"] == 1
+    assert prov["tc_bound"]["final"] is not None  # the bare samples of q3 are its bare reference
+    assert fingerprint_params(held) == fingerprint_params(base)
+
+
+def test_on_queries_no_round_saw_the_higher_mean_decides_against_the_bare_model(tmp_path):
+    # The bare model answers GOOD on q2 and MEDIUM on q1 and q3, "Solid" MEDIUM everywhere: the bare
+    # model's mean f is higher, with no evidence (one query of difference). With q2 and q3 kept
+    # aside (rounds on q1) that is enough: no instruction. On the rounds' own queries, where Solid
+    # was chosen, the same answers keep Solid: there the bare model must be demonstrably better.
+    seed, solid = "Seed: be good.", "Solid: be steady."
+
+    def answers(system, request):
+        if system == "":
+            return "GOOD answer" if request.messages[-1].content == QUERIES[1].text else "MEDIUM answer"
+        return "MEDIUM answer" if system == solid else "BAD answer"
+
+    held = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "n_queries": 1, "minibatch": 1,
+                                                 "final_queries": 2})
+    result = run_scripted(tmp_path / "held", held, seed, answers, lambda request: solid)
+    assert result.instruction == "" and result.selected_round is None
+    [note] = [n for n in result.notes if n.startswith("final check against the bare model")]
+    assert note.endswith("on queries no round saw the higher mean decides: no instruction is returned")
+    rounds = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "n_queries": 3})
+    result = run_scripted(tmp_path / "rounds", rounds, seed, answers, lambda request: solid)
+    assert result.instruction == solid
+    [note] = [n for n in result.notes if n.startswith("final check against the bare model")]
+    assert "one-sided paired t-test that round 1's instruction is worse: p = 0.2" in note
+    assert note.endswith("round 1's instruction is kept")
+
+
+def test_final_queries_come_from_the_training_split_after_the_rounds_queries():
+    from picaco.optimize.engine import _select_queries
+
+    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 2}))
+    assert [q.id for q in used] == ["q1"] and [q.id for q in held] == ["q2", "q3"]
+    assert not [w for w in warnings if "final_queries" in w]
+    # never the test split: only two training queries are left after the first, so the check uses those
+    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 5}))
+    assert [q.id for q in held] == ["q2", "q3"]
+    assert any("final_queries = 5 but only 2 training queries are left" in w for w in warnings)
+    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"final_queries": 2}))
+    assert held == [] and any("reuses the rounds' queries" in w for w in warnings)
+
+
 def test_worse_p_value_is_a_one_sided_paired_t_test_over_queries():
     from picaco.optimize.scoring import FINAL_CHECK_ALPHA, worse_p_value
 
@@ -1505,7 +1656,7 @@ def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_no
     assert result.instruction == mixed and result.selected_round == 1
     assert result.objective_final < result.objective_seed  # a lower mean, kept all the same
     # the result says why, with the numbers of the check
-    [note] = [n for n in result.notes if n.startswith("final check")]
+    [note] = [n for n in result.notes if n.startswith("final check on fresh seeds")]
     assert f"round 1's instruction {result.objective_final:.3f}, of the seed {result.objective_seed:.3f}" in note
     assert note.endswith("round 1's instruction is kept") and "p = 0." in note
 

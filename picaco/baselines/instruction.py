@@ -9,6 +9,7 @@ from pathlib import Path
 
 from picaco.baselines.base import PromptMethod
 from picaco.errors import DataError
+from picaco.optimize.rundir import returned_no_instruction
 
 
 class Instruction(PromptMethod):
@@ -21,11 +22,14 @@ class Instruction(PromptMethod):
         *,
         source: str | None = None,
         optimized_against: dict | None = None,
+        returned_none: bool = False,
     ):
         super().__init__()
-        if not text.strip():
+        if not text.strip() and not returned_none:
             raise DataError(f"{name}: the instruction is empty")
-        self.text = text
+        self.text = text.strip() if returned_none else text
+        #: a PICACO run whose final check returned no instruction: this method is the bare model
+        self.returned_none = returned_none
         self.name = name
         self.source = source
         self.optimized_against = optimized_against
@@ -41,10 +45,15 @@ class Instruction(PromptMethod):
             raise DataError(f"instruction not found: {file}") from None
         except UnicodeDecodeError:
             raise DataError(f"{file}: not UTF-8 text") from None
-        return cls(text.strip(), name or p.stem, source=str(file), **kwargs)
+        none = not text.strip() and returned_no_instruction(file.parent)
+        return cls(text.strip(), name or p.stem, source=str(file), returned_none=none, **kwargs)
 
-    def system_prompt(self, value_set) -> str:
-        return self.text
+    def system_prompt(self, value_set) -> str | None:
+        return self.text or None
 
     def describe(self, value_set) -> dict:
-        return {**super().describe(value_set), "provenance": {"source": self.source}}
+        provenance: dict = {"source": self.source}
+        if self.returned_none:
+            provenance["returned"] = "no instruction: the run's final check found the bare model better"
+        return {**super().describe(value_set), "provenance": provenance}
+

@@ -128,11 +128,16 @@ async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
 #: parameters added after run directories existed, with the value that computes what runs did before
 #: them: at that value they are left out of the fingerprint, so older run directories still resume
 NEUTRAL_LATER_PARAMS = {"balance": 0.0}
+#: parameters of the final check only: the rounds do not depend on them, so they are not part of the
+#: fingerprint (a finished run takes a changed one with `--refinish`); provenance.json records them
+FINAL_CHECK_ONLY_PARAMS = ("weigh_bare", "final_queries")
 
 
 def fingerprint_params(params: OptimizeParams) -> dict:
     dump = params.model_dump(mode="json")
-    return {k: v for k, v in dump.items() if not (k in NEUTRAL_LATER_PARAMS and v == NEUTRAL_LATER_PARAMS[k])}
+    return {k: v for k, v in dump.items()
+            if k not in FINAL_CHECK_ONLY_PARAMS
+            and not (k in NEUTRAL_LATER_PARAMS and v == NEUTRAL_LATER_PARAMS[k])}
 
 
 def derive_seed(*parts: object) -> int:
@@ -260,6 +265,19 @@ class OptimizeResult:
         return cls(**d)
 
 
+@dataclass
+class FinalChoice:
+    """What the final check returns: the trajectory step chosen (None = no instruction, the bare
+    model), the objective of the seed and of the choice, and in sampling mode the paired fresh
+    samples of the seed and of the choice (the seed-vs-final report)."""
+
+    selected: int | None
+    objective_seed: float | None
+    objective_final: float | None
+    seed_samples: list[Scored] | None = None
+    final_samples: list[Scored] | None = None
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 
 
@@ -275,6 +293,7 @@ class Engine:
         queries: list[Query],
         params: OptimizeParams,
         run_dir: RunDir,
+        final_queries: list[Query] | None = None,
         seed_instruction: str,
         init_from: str | None,
         proxy=None,
@@ -292,6 +311,8 @@ class Engine:
         self.redundancy = redundancy
         self.value_set = value_set
         self.queries = queries
+        #: queries no round sees, for the sampling-mode final check (empty: it uses `queries`)
+        self.final_queries = list(final_queries or [])
         self.params = params
         self.rundir = run_dir
         self.seed_instruction = seed_instruction
@@ -911,19 +932,18 @@ class Engine:
         ratings_seed: dict = {}
         ratings_final: dict = {}
         tc_seed = tc_final = None
-        checked: tuple[list[Scored], list[Scored]] | None = None
+        choice: FinalChoice | None = None
         try:
             if self.pools_version >= 1:
-                selected, objective_seed, objective_final, checked = await self._phase(
-                    "final", None, lambda: self._select_final(trajectory, round1))
-                final = trajectory[selected]
-            if checked is not None:
-                # sampling mode: the final check sampled the seed and the last choice on the same
-                # fresh seeds; those paired samples are also the seed-vs-final report
-                seed_samples, last_samples = checked
-                scores_seed, tc_seed, ratings_seed = self._summarize(seed_samples)
-                scores_final, tc_final, ratings_final = self._summarize(
-                    last_samples if selected else seed_samples)
+                choice = await self._phase("final", None, lambda: self._select_final(trajectory, round1))
+                selected, objective_seed, objective_final = (
+                    choice.selected, choice.objective_seed, choice.objective_final)
+                final = "" if selected is None else trajectory[selected]
+            if choice is not None and choice.seed_samples is not None:
+                # sampling mode: the final check sampled the seed and its choice on the same fresh
+                # seeds; those paired samples are also the seed-vs-final report
+                scores_seed, tc_seed, ratings_seed = self._summarize(choice.seed_samples)
+                scores_final, tc_final, ratings_final = self._summarize(choice.final_samples)
             elif round1:
                 # the final instruction is sampled on the round-1 seeds, so it is compared with
                 # the seed's round-1 responses on the same queries and random numbers
@@ -979,47 +999,88 @@ class Engine:
         self._write_outputs(result)
         return result
 
-    async def _select_final(self, trajectory: list[str], round1: list[Scored]):
+    async def _select_final(self, trajectory: list[str], round1: list[Scored]) -> FinalChoice:
         """Never worse than the seed: the best instruction of the trajectory by the objective.
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
         Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
         one is demonstrably worse (`scoring.worse_p_value` below FINAL_CHECK_ALPHA; the result's notes
-        give the numbers). Otherwise ties go to the later one. Returns (index, seed objective,
-        selected objective, the seed's and the last one's samples when the sampling-mode check drew
-        them, else None).
+        give the numbers). Otherwise ties go to the later one. With `weigh_bare` the bare model (no
+        instruction) is sampled on the same seeds and returned if the pick is demonstrably worse than
+        it too.
         """
-        if self.mode == "sampling":
-            last = len(trajectory) - 1
-            if last == 0 or trajectory[last] == trajectory[0]:
-                seed_score = sampling_score(round1).score
-                return last, _finite(seed_score), _finite(seed_score), None
-            # Both on fresh seeds that no round used: the seed's round-1 samples took part in round
-            # 1's choice (as the winner they overrate the seed, as the loser they underrate it), so
-            # they cannot judge it fairly against e^T. Common random numbers pair the two.
-            plan = [(q, self._final_seeds(q)) for q in self.queries]
-            seed_samples = await self._sample(trajectory[0], plan, phase="final", round=last)
+        if self.mode != "sampling":
+            scores: dict[str, float] = {}
+            for i, e in enumerate(trajectory):
+                if e not in scores:
+                    scores[e] = (await self.score_instruction(e, len(trajectory), tag="final")).score
+                self.emit("advance", phase="final", done=i + 1, total=len(trajectory))
+            best = max(range(len(trajectory)), key=lambda i: (scores[trajectory[i]], i))
+            return FinalChoice(best, scores[trajectory[0]], scores[trajectory[best]])
+        last = len(trajectory) - 1
+        changed = last > 0 and trajectory[last] != trajectory[0]
+        if not changed and not self.params.weigh_bare:
+            seed_score = _finite(sampling_score(round1).score)
+            return FinalChoice(last, seed_score, seed_score)
+        # Both on fresh seeds that no round used: the seed's round-1 samples took part in round
+        # 1's choice (as the winner they overrate the seed, as the loser they underrate it), so
+        # they cannot judge it fairly against e^T. Common random numbers pair the two.
+        queries = self.final_queries or self.queries
+        where = (f"{len(queries)} queries no round saw" if self.final_queries
+                 else f"{len(queries)} queries")
+        plan = [(q, self._final_seeds(q)) for q in queries]
+        seed_samples = await self._sample(trajectory[0], plan, phase="final", round=last)
+        seed_score = sampling_score(seed_samples).score
+        pick, picked = last, seed_samples
+        if changed:
             last_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
-            seed_score = sampling_score(seed_samples).score
             final_score = sampling_score(last_samples).score
-            # e^T won every round it was in; the seed comes back only on evidence that e^T is worse,
-            # not on a lower mean alone: at N x n samples that difference is mostly noise
+            # e^T won every round it was in; the seed comes back only on evidence that e^T is
+            # worse, not on a lower mean alone: at N x n samples that difference is mostly noise
             p = worse_p_value(last_samples, seed_samples)
             pick = 0 if p < FINAL_CHECK_ALPHA else last
+            picked = seed_samples if pick == 0 else last_samples
             self.notes.append(
-                f"final check on fresh seeds over {len(self.queries)} queries: mean f of round {last}'s "
-                f"instruction {final_score:.3f}, of the seed {seed_score:.3f}; one-sided paired t-test "
-                f"that it is worse: p = {p:.3f} (alpha {FINAL_CHECK_ALPHA}): "
+                f"final check on fresh seeds over {where}: mean f of round "
+                f"{last}'s instruction {final_score:.3f}, of the seed {seed_score:.3f}; one-sided "
+                f"paired t-test that it is worse: p = {p:.3f} (alpha {FINAL_CHECK_ALPHA}): "
                 + ("the seed is returned" if pick == 0 else f"round {last}'s instruction is kept"))
-            return (pick, _finite(seed_score), _finite(final_score if pick else seed_score),
-                    (seed_samples, last_samples))
-        scores: dict[str, float] = {}
-        for i, e in enumerate(trajectory):
-            if e not in scores:
-                scores[e] = (await self.score_instruction(e, len(trajectory), tag="final")).score
-            self.emit("advance", phase="final", done=i + 1, total=len(trajectory))
-        best = max(range(len(trajectory)), key=lambda i: (scores[trajectory[i]], i))
-        return best, scores[trajectory[0]], scores[trajectory[best]], None
+        choice = FinalChoice(pick, _finite(seed_score), _finite(sampling_score(picked).score),
+                             seed_samples, picked)
+        if self.params.weigh_bare:
+            bare_samples = await self._sample("", plan, phase="final", round=last)
+            for q in self.final_queries:  # the TC bound's bare reference on queries no round saw
+                self.bare_logq[q.id] = [s.log_qphi for s in bare_samples
+                                        if s.query_id == q.id and s.log_qphi is not None]
+            which = "the seed" if pick == 0 else f"round {pick}'s instruction"
+            if self._bare_wins(picked, bare_samples, which):
+                choice = FinalChoice(None, choice.objective_seed,
+                                     _finite(sampling_score(bare_samples).score),
+                                     seed_samples, bare_samples)
+        return choice
+
+    def _bare_wins(self, picked: list[Scored], bare: list[Scored], which: str) -> bool:
+        """Whether no instruction (the bare model) is returned instead of the final check's pick.
+
+        No instruction is also an answer. On queries no round saw (`final_queries`) both scores are
+        unbiased and no round has compared the two, so the higher mean decides (ties keep the pick).
+        On the rounds' own queries the pick was chosen for scoring well on them, so the bare model
+        must be demonstrably better, by the same test as the seed (docs/method.md, step 8).
+        """
+        bare_score, picked_score = sampling_score(bare).score, sampling_score(picked).score
+        head = (f"final check against the bare model (no instruction) on the same seeds: mean f "
+                f"{bare_score:.3f} against {picked_score:.3f} for {which}; ")
+        if self.final_queries:
+            wins = bare_score > picked_score
+            self.notes.append(head + "on queries no round saw the higher mean decides: "
+                              + ("no instruction is returned" if wins else f"{which} is kept"))
+            return wins
+        p = worse_p_value(picked, bare)
+        wins = p < FINAL_CHECK_ALPHA
+        self.notes.append(head + f"one-sided paired t-test that {which} is worse: p = {p:.3f} "
+                          f"(alpha {FINAL_CHECK_ALPHA}): "
+                          + ("no instruction is returned" if wins else f"{which} is kept"))
+        return wins
 
     def _write_outputs(self, result: OptimizeResult) -> None:
         self._save_accounting()
@@ -1034,9 +1095,11 @@ class Engine:
             },
             "roles": {k: fp[k] for k in ("target", "optimizer", "proxy", "judge", "redundancy")},
             "config_hash": config_hash(fp),
-            "params": fp["params"],
+            "params": {**fp["params"],
+                       **{k: getattr(self.params, k) for k in FINAL_CHECK_ONLY_PARAMS}},
             "mode": self.mode,
             "queries": fp["queries"],
+            "final_queries": [q.id for q in self.final_queries],
             "seed_instruction": self.seed_instruction,
             "init_from": self.init_from,
             "instruction": result.instruction,
@@ -1090,6 +1153,10 @@ class Engine:
                 out.append(f"the call budget ({left} left) is below the estimate "
                            f"(~{est.total_calls} calls): the run may stop before round "
                            f"{self.params.rounds}")
+        if self.final_queries and self.mode != "sampling":
+            out.append(f"final_queries applies to the sampling-mode final check; this run is in "
+                       f"{self.mode} mode, where the final check scores on the pools of the "
+                       "rounds' queries, so the queries kept aside are not used")
         model = getattr(getattr(self.optimizer, "backend", None), "model", "") or ""
         size = _model_params_billions(model)
         if size is not None and size < 1.0:
@@ -1132,7 +1199,10 @@ def _resolve_seed(value_set: ValueSet, seed_instruction: str | None,
     return proposer.default_seed_instruction(value_set), None
 
 
-def _select_queries(queries: Sequence[Query], params: OptimizeParams) -> tuple[list[Query], list[str]]:
+def _select_queries(queries: Sequence[Query],
+                    params: OptimizeParams) -> tuple[list[Query], list[Query], list[str]]:
+    """The training-split queries the rounds use, those kept for the final check alone (the next
+    `final_queries` of the split), and warnings."""
     warnings = []
     train = [q for q in queries if q.split != "test"]
     if len(train) < len(queries):
@@ -1144,7 +1214,14 @@ def _select_queries(queries: Sequence[Query], params: OptimizeParams) -> tuple[l
     if n is not None and len(train) < n:
         warnings.append(f"only {len(train)} queries are available; the run uses all of them "
                         f"(n_queries = {n})")
-    return (train if n is None else train[:n]), warnings
+    used = train if n is None else train[:n]
+    held = train[len(used):len(used) + params.final_queries]
+    if params.final_queries and len(held) < params.final_queries:
+        warnings.append(
+            f"final_queries = {params.final_queries} but only {len(held)} training queries are left "
+            "after the rounds' " + ("(the final check reuses the rounds' queries)" if not held
+                                    else "(the final check uses those)"))
+    return used, held, warnings
 
 
 async def optimize(
@@ -1181,13 +1258,14 @@ async def optimize(
             raise ConfigError(f"unknown preset {params!r}: use one of {', '.join(PRESETS)}")
         params = PRESETS[params]
     seed, source = _resolve_seed(value_set, seed_instruction, init_from)
-    used, warnings = _select_queries(queries, params)
+    used, held, warnings = _select_queries(queries, params)
     if refinish:
         require_finished(run_dir)
     rundir = RunDir(run_dir)
     engine = Engine(
         target=target, optimizer=optimizer, judge=judge, redundancy=adapt_redundancy(redundancy, value_set),
-        value_set=value_set, queries=used, params=params, run_dir=rundir, seed_instruction=seed,
+        value_set=value_set, queries=used, final_queries=held, params=params, run_dir=rundir,
+        seed_instruction=seed,
         init_from=source, proxy=proxy, progress=progress, budget=budget, warnings=warnings,
         run_config=_public_config(config), startup_cost=startup_cost, refinish=refinish,
     )

@@ -91,6 +91,16 @@ class OptimizeParams(BaseModel):
     )
     seed: int = 0
     mode: Mode = "auto"
+    weigh_bare: bool = Field(
+        True,
+        description="sampling mode: the final check also samples the bare model (no instruction) and "
+                    "returns no instruction when the instruction it picked is demonstrably worse",
+    )
+    final_queries: int = Field(
+        0, ge=0,
+        description="sampling mode: training-split queries after the n_queries the rounds use, kept "
+                    "for the final check alone (0 = the final check reuses the rounds' queries)",
+    )
     minibatch: int = Field(8, ge=1, description="queries per candidate in sampling mode")
     good_examples: int = Field(2, ge=0, description="high-f pool responses shown to the optimizer")
     parroting_examples: int = Field(1, ge=0, description="parroting responses shown to the optimizer")
@@ -121,12 +131,13 @@ PRESETS: dict[str, OptimizeParams] = {
     # A quick run on 2 CPU cores: 0.5B target, 1.5B optimizer, offline judge, under ~15 minutes.
     # Candidates are chosen on fresh samples of every query (sampling mode), not by the pooled J:
     # at this size J ranks candidates by closeness to the incumbent (docs/method.md, "[decide]
-    # Selection on small runs").
+    # Selection on small runs"). The final check runs on 12 training queries no round saw, where it
+    # can tell when no instruction beats the bare model (docs/method.md, step 8).
     "cpu": OptimizeParams(
         n_queries=6, samples_per_query=2, aligned_pool_size=3, noisy_pool_size=3, bare_samples=3,
         candidates=3, rounds=3, patience=2, max_new_tokens=96, optimizer_max_tokens=200,
         instruction_max_chars=800, mode="sampling", minibatch=6, good_examples=2,
-        parroting_examples=1,
+        parroting_examples=1, final_queries=12,
     ),
     # For tests with SmolLM2-135M.
     "tiny": OptimizeParams(
@@ -212,9 +223,10 @@ def estimate(
     gen_tokens = instr + query_tokens + params.max_new_tokens
     bare = N * params.n_bare
     enhance = N * n
-    # the end: in sampling mode the final check samples the seed and the last instruction on fresh
-    # seeds (also the seed-vs-final report); otherwise the final one is sampled on round-1 seeds
-    report = 2 * N * n if mode == "sampling" else N * n
+    # the end: in sampling mode the final check samples the seed, the last instruction and (with
+    # weigh_bare) the bare model on fresh seeds of its own queries or the rounds' (also the
+    # seed-vs-final report); otherwise the final one is sampled on round-1 seeds
+    report = (2 + params.weigh_bare) * (params.final_queries or N) * n if mode == "sampling" else N * n
     sampling_per_round = scored * min(params.minibatch, N) * n if mode == "sampling" else 0
     target_gen = bare + T * enhance + report + T * sampling_per_round
     # the current instruction and every candidate score each pooled response; at the end, every

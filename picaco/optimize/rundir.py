@@ -259,6 +259,17 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def returned_no_instruction(run_dir: Path | str) -> bool:
+    """Whether `run_dir` holds a finished run whose final check returned no instruction (the bare
+    model won): its empty instruction.txt is the result, not a damaged or emptied file."""
+    try:
+        result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(result, dict) and result.get("instruction") == ""
+            and "selected_round" in result and result["selected_round"] is None)
+
+
 def read_final_instruction(run_dir: Path | str) -> str:
     """The instruction an earlier run ended with (for warm starts): instruction.txt, else the last
     chosen instruction in rounds.jsonl."""
@@ -270,6 +281,11 @@ def read_final_instruction(run_dir: Path | str) -> str:
         text = txt.read_text(encoding="utf-8").strip()
         if text:
             return text
+        if returned_no_instruction(path):
+            raise ConfigError(
+                f"init_from: {path} returned no instruction (its final check found the bare model "
+                "better than its choice), so there is nothing to start from: give a "
+                "seed_instruction or another run")
     rounds = RunDir(path).records("rounds.jsonl")
     if rounds:
         return rounds[-1]["instruction"]

@@ -208,6 +208,8 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "examples": _example_groups(run, matched, weak),
         "weak": weak,
         "same_instruction": run.final_hash == run.seed_hash,
+        # the final check weighed the bare model and returned no instruction
+        "no_instruction": run.final_kind == "final" and not run.final_instruction.strip(),
         "accounting": _accounting_rows(run.accounting),
         "estimate": (run.config.get("estimate") or {}),
         "provenance": _provenance_rows(run),
@@ -434,7 +436,9 @@ def _provenance_rows(run: RunData) -> list[dict]:
         rows.append({"label": "instruction sha256", "value": prov["instruction_sha256"], "code": True})
     if run.result is not None:
         selected = run.result.get("selected_round")
-        if selected == 0:
+        if selected is None:
+            where = "none: the bare model (no instruction) beat the run's choice in the final check"
+        elif selected == 0:
             where = "the seed (no round improved on it)"
         elif run.final_hash == run.seed_hash:
             where = f"round {selected}, which kept the seed instruction"

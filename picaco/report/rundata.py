@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from picaco.llm.base import fill_template
@@ -471,6 +471,8 @@ class Gain:
     low: float
     high: float
     n_queries: int
+    #: measured on queries the rounds never saw (the final check's `final_queries`), not optimistic
+    held_out: bool = False
 
 
 def paired_gain(matched: Sequence[Pair], value_ids: Sequence[str], confidence: float = 0.95) -> Gain | None:
@@ -495,6 +497,9 @@ def gain_and_noise(run: RunData, matched: list[Pair] | None = None) -> tuple[Gai
     `matched`: the run's `pairs`, when the caller has them already."""
     matched = pairs(run) if matched is None else matched
     gain = paired_gain(matched, run.value_ids) if matched and run.final_hash != run.seed_hash else None
+    held = set((run.provenance or {}).get("final_queries") or [])
+    if gain is not None and held and {p.query_id for p in matched} <= held:
+        gain = replace(gain, held_out=True)
     return gain, decision_noise(paired_differences(run.responses))
 
 
@@ -502,8 +507,9 @@ def gain_noise_summary(gain: Gain | None, noise: DecisionNoise | None) -> str | 
     """One plain-text line for the command line: the gain, the noise, and whether to trust it."""
     parts = []
     if gain is not None:
-        parts.append(f"gain {gain.mean:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}] over {gain.n_queries} "
-                     "training queries (95%, optimistic)")
+        where = ("queries no round saw (95%)" if gain.held_out
+                 else "training queries (95%, optimistic)")
+        parts.append(f"gain {gain.mean:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}] over {gain.n_queries} {where}")
     if noise is not None:
         parts.append(f"one decision's standard error {noise.se():.2f} ({noise.n_queries} queries x "
                      f"{noise.n_samples} samples)")
