@@ -1006,8 +1006,8 @@ class Engine:
         Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
         one is demonstrably worse (`scoring.worse_p_value` below FINAL_CHECK_ALPHA; the result's notes
         give the numbers). Otherwise ties go to the later one. With `weigh_bare` the bare model (no
-        instruction) is sampled on the same seeds and returned if the pick is demonstrably worse than
-        it too.
+        instruction) is then sampled on the same queries and seeds and may replace the pick
+        (`_bare_wins`). The check runs on `final_queries` when the run keeps some aside.
         """
         if self.mode != "sampling":
             scores: dict[str, float] = {}
