@@ -316,6 +316,18 @@ def test_same_judge_is_flagged_loudly(tmp_path):
     assert "> **WARNING:** SAME JUDGE" in res.markdown_path.read_text()
 
 
+def test_a_run_that_returned_no_instruction_is_evaluated_as_the_bare_model(tmp_path):
+    kw, _ = setup(tmp_path)
+    none = Instruction("", "picaco", returned_none=True)
+    res = asyncio.run(evaluate([Bare(), none], **kw))
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    by = {(r["method"], r["query_id"]): r["response"] for r in rows}
+    assert all(by[("picaco", q.id)] == by[("Q", q.id)] for q in QUERIES)  # no system message sent
+    note = "picaco: its run returned no instruction (the final check found the bare model ahead)"
+    assert any(w.startswith(note) for w in res.summary["warnings"])
+    assert f"> **WARNING:** {note}" in res.markdown_path.read_text()
+
+
 def test_unscored_values_are_counted_and_warned(tmp_path):
     kw, _ = setup(tmp_path)
     res = asyncio.run(evaluate([Instruction("garbled care", "g")], **kw, baseline=None))

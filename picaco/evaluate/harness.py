@@ -343,6 +343,10 @@ async def _evaluate_into(
     same, loud = _same_judge_warning(methods, judge_identity)
     if loud:
         warnings.append(loud)
+    for m in methods:
+        if getattr(m, "returned_none", False):
+            warnings.append(f"{m.name}: its run returned no instruction (the final check found the "
+                            "bare model ahead), so this row is the bare model's answers")
     if baseline is not None and baseline not in names:
         warnings.append(f"no win rates: the baseline {baseline!r} is not among the methods evaluated")
     train = [q.id for q in queries if q.split != "test"]
