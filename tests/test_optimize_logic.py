@@ -1499,7 +1499,7 @@ def test_the_final_check_returns_no_instruction_when_the_bare_model_beats_it(tmp
     printed = capsys.readouterr().out
     assert "no instruction" in printed and "instruction.txt is empty" in " ".join(printed.split())
     page = write_report(tmp_path).read_text(encoding="utf-8")
-    assert 'id="no-instruction"' in page and 'id="final-instruction"' not in page
+    assert 'id="no-instruction"' in page and "final-instruction" not in page  # no box, no copy button
     assert "none: the bare model (no instruction) beat the run" in page
     # evaluating the run's instruction evaluates the bare model; warm-starting from it is refused
     from picaco.baselines import Instruction
@@ -1589,6 +1589,12 @@ def test_on_queries_no_round_saw_the_higher_mean_decides_against_the_bare_model(
     assert result.instruction == "" and result.selected_round is None
     [note] = [n for n in result.notes if n.startswith("final check against the bare model")]
     assert note.endswith("on queries no round saw the higher mean decides: no instruction is returned")
+    # the report's seed-vs-final gain is then measured on those queries, so it is not optimistic
+    from picaco.report.rundata import gain_and_noise, gain_noise_summary, load_run
+
+    gain, noise = gain_and_noise(load_run(tmp_path / "held"))
+    assert gain is not None and gain.held_out and gain.n_queries == 2
+    assert "over 2 queries no round saw (95%)" in gain_noise_summary(gain, noise)
     rounds = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "n_queries": 3})
     result = run_scripted(tmp_path / "rounds", rounds, seed, answers, lambda request: solid)
     assert result.instruction == solid

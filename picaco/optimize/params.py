@@ -94,7 +94,8 @@ class OptimizeParams(BaseModel):
     weigh_bare: bool = Field(
         True,
         description="sampling mode: the final check also samples the bare model (no instruction) and "
-                    "returns no instruction when the instruction it picked is demonstrably worse",
+                    "returns no instruction when it beats the instruction the check picked "
+                    "(demonstrably on the rounds' queries, on mean on kept-aside ones)",
     )
     final_queries: int = Field(
         0, ge=0,
