@@ -11,7 +11,7 @@ import pytest
 
 from picaco.errors import ConfigError, ModelNotPulled
 from picaco.llm.base import Backend, GenerateRequest, LikelihoodRequest, chat
-from picaco.llm.embedded import EmbeddedBackend, _first_stop, _Runner
+from picaco.llm.embedded import EmbeddedBackend, _first_stop, _Runner, _TurnLock
 
 PIRATE = "You are a pirate. Always talk like a pirate."
 BUTLER = "You are a formal English butler. Answer politely and formally."
@@ -228,6 +228,50 @@ def test_prefix_reuse_gives_identical_numbers_with_fewer_tokens(smollm2_path: Pa
 
 
 @pytest.mark.model
+def test_samples_of_one_prompt_evaluate_it_once_and_match_fresh_evaluations(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    evaluated: list[int] = []
+    execute = _Runner.execute
+
+    def counting(self, seq, plan, on_logits=None):
+        evaluated.append(execute(self, seq, plan, on_logits))
+        return evaluated[-1]
+
+    monkeypatch.setattr(_Runner, "execute", counting)
+    pirate = [GenerateRequest(chat(PIRATE, "Tell me about your ship."), temperature=1.0, max_tokens=12,
+                              seed=s, top_logprobs=3 if s == 2 else 0) for s in (1, 2, 3)]
+    butler = GenerateRequest(chat(BUTLER, QUESTION), temperature=1.0, max_tokens=12, seed=4)
+    # two samples in a row, another prompt, a scoring call, then the third sample of the first prompt
+    order = [pirate[0], pirate[1], butler, pirate[2]]
+    reuse = EmbeddedBackend(smollm2_path, n_ctx=1024, prefix_reuse=True)
+    scratch = EmbeddedBackend(smollm2_path, n_ctx=1024, prefix_reuse=False)
+    try:
+        def prompt_cost(request: GenerateRequest) -> tuple[str, int]:
+            before = sum(evaluated)
+            text = reuse.generate_sync(request).text
+            return text, sum(evaluated) - before
+
+        prompt_len = len(reuse._load().prompt(pirate[0].messages).tokens)
+        got = [prompt_cost(r) for r in order[:3]]
+        reuse.loglikelihood_sync([LikelihoodRequest(pirate[2].messages, RESPONSES[0])])
+        got.append(prompt_cost(order[3]))
+        # the second sample evaluated nothing: the KV cache held its prompt and the saved row was
+        # its next-token distribution; the third came after other work and evaluated a part again
+        assert [cost for _, cost in got[:2]] == [prompt_len, 0] and got[3][1] > 0
+        expected = [scratch.generate_sync(r) for r in order]
+        assert [text for text, _ in got] == [e.text for e in expected]
+        # the restored row is the distribution itself, alternatives and all
+        assert reuse.generate_sync(pirate[1]).logprobs == expected[1].logprobs
+        # a reset forgets the saved row: the same request evaluates its prompt again, same answer
+        reuse.reset_cache()
+        assert prompt_cost(pirate[1]) == (expected[1].text, prompt_len)
+    finally:
+        reuse.close()
+        scratch.close()
+
+
+@pytest.mark.model
 def test_loglikelihood_edge_cases(backend: EmbeddedBackend):
     messages = chat(PIRATE, QUESTION)
     dup = LikelihoodRequest(messages, RESPONSES[2])
@@ -252,6 +296,65 @@ def test_too_long_for_the_context_is_a_config_error(smollm2_path: Path):
 
 
 # -- concurrency ------------------------------------------------------------------------------------
+
+
+def test_the_turn_lock_serves_the_lowest_waiting_number_first():
+    import threading
+    import time
+
+    lock = _TurnLock()
+    unused = lock.number()  # taken and never used: blocks nobody
+    numbers = [lock.number() for _ in range(4)]
+    served: list[int] = []
+    lock.acquire()  # held while the others line up, in the reverse order of their numbers
+
+    def take(n: int) -> None:
+        lock.acquire(n)
+        served.append(n)
+        lock.release()
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in reversed(numbers)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while len(lock._waiting) < len(numbers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lock.release()
+    for t in threads:
+        t.join(timeout=5)
+    assert served == numbers and unused < numbers[0]
+    with lock:  # a plain `with` takes the next number and is served at once when no one waits
+        pass
+
+
+@pytest.mark.model
+async def test_samples_asked_for_together_run_in_turn_and_reuse_their_prompt(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # the engine's pattern: queries gathered, each gathering its samples; with the turn lock every
+    # sample after a query's first finds the prompt evaluated, whatever order the threads wake in
+    restored: list[bool] = []
+    restore = _Runner._restore_prompt_row
+
+    def counting(self, tokens, plan):
+        restored.append(restore(self, tokens, plan))
+        return restored[-1]
+
+    monkeypatch.setattr(_Runner, "_restore_prompt_row", counting)
+    b = EmbeddedBackend(smollm2_path, n_ctx=1024)
+    questions = [f"Question {i}: where is the treasure?" for i in range(4)]
+
+    async def query(q: str) -> list:
+        return await asyncio.gather(*(b.generate(GenerateRequest(chat(PIRATE, q), temperature=1.0,
+                                                                 max_tokens=24, seed=s))
+                                      for s in (1, 2, 3)))
+
+    try:
+        await asyncio.gather(*(query(q) for q in questions))
+    finally:
+        b.close()
+    assert len(restored) == 12 and sum(restored) == 8
 
 
 @pytest.mark.model
