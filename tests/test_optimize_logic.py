@@ -5,6 +5,7 @@ warm starts and the run directory. (The real-model run is in test_optimize_e2e.p
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -469,6 +470,11 @@ def test_estimate_counts_calls_per_role():
     assert estimate(no_bare, n_queries=2, n_values=3, mode="sampling",
                     judge_calls_per_response=0).roles["target generate"].calls == 32
     assert "target likelihood" not in samp.roles
+    # the cpu preset's final check: 3 arms x 12 kept-aside queries x final_samples = 1
+    kept = tiny.model_copy(update={"final_queries": 12, "final_samples": 1, "samples_per_query": 2})
+    assert estimate(kept, n_queries=2, n_values=3, mode="sampling",
+                    judge_calls_per_response=0).roles["target generate"].calls == (
+        2 * 2 + 2 * 2 * 2 + 3 * 12 * 1 + 2 * 5 * 2 * 2)
     assert "pre-flight estimate" in est.describe()
 
 
@@ -1569,6 +1575,36 @@ def test_the_final_check_can_run_on_queries_no_round_saw(tmp_path):
     assert prov["final_queries"] == ["q3"] and prov["params"]["final_queries"] == 1
     assert prov["tc_bound"]["final"] is not None  # the bare samples of q3 are its bare reference
     assert fingerprint_params(held) == fingerprint_params(base)
+
+
+def test_final_samples_sets_the_samples_per_query_of_the_final_check_only(tmp_path):
+    # The rounds draw samples_per_query = 2 per query; with final_samples = 1 the final check draws
+    # one per kept-aside query and arm, on the first of the seeds it would draw with two. The
+    # setting is the final check's alone: out of the fingerprint, recorded in provenance.
+    seed, solid = "Seed: be good.", "Solid: be steady."
+
+    def answers(system, request):
+        return "MEDIUM answer" if system == solid else "BAD answer"
+
+    base = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "n_queries": 1, "minibatch": 1,
+                                                 "final_queries": 2})
+    one = base.model_copy(update={"final_samples": 1})
+    runs = {}
+    for name, params in (("two", base), ("one", one)):
+        run_scripted(tmp_path / name, params, seed, answers, lambda request: solid)
+        runs[name] = _records(tmp_path / name, "responses.jsonl")
+    final = {name: [r for r in recs if r["phase"] == "final"] for name, recs in runs.items()}
+    per_arm_query = collections.Counter((r["instruction_hash"], r["query_id"]) for r in final["one"])
+    assert len(per_arm_query) == 3 * 2 and set(per_arm_query.values()) == {1}  # seed, Solid, bare
+    assert {r["seed"] for r in final["one"]} < {r["seed"] for r in final["two"]}
+    assert len(final["two"]) == 3 * 2 * 2
+    assert all(r["sample"] == 0 for r in final["one"])
+    rounds = {name: [r["key"] for r in recs if r["phase"] != "final"] for name, recs in runs.items()}
+    assert rounds["one"] == rounds["two"]  # the rounds draw base.samples_per_query as before
+    prov = json.loads((tmp_path / "one" / "provenance.json").read_text())
+    assert prov["params"]["final_samples"] == 1
+    assert fingerprint_params(one) == fingerprint_params(base)
+    assert PRESETS["cpu"].final_samples == 1 and PRESETS["paper"].final_samples is None
 
 
 def test_on_queries_no_round_saw_the_higher_mean_decides_against_the_bare_model(tmp_path):

@@ -130,7 +130,7 @@ async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
 NEUTRAL_LATER_PARAMS = {"balance": 0.0}
 #: parameters of the final check only: the rounds do not depend on them, so they are not part of the
 #: fingerprint (a finished run takes a changed one with `--refinish`); provenance.json records them
-FINAL_CHECK_ONLY_PARAMS = ("weigh_bare", "final_queries")
+FINAL_CHECK_ONLY_PARAMS = ("weigh_bare", "final_queries", "final_samples")
 
 
 def fingerprint_params(params: OptimizeParams) -> dict:
@@ -633,7 +633,7 @@ class Engine:
     def _final_seeds(self, query: Query) -> list[int]:
         """Seeds of the sampling-mode final check: used by no round, so no choice was made on them."""
         return [derive_seed(self.params.seed, "final", query.id, j)
-                for j in range(self.params.samples_per_query)]
+                for j in range(self.params.final_samples or self.params.samples_per_query)]
 
     # -- phases ----------------------------------------------------------------------------------
     async def _phase(self, name: str, round: int | None, body: Callable[[], Awaitable]):

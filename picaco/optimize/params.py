@@ -102,6 +102,10 @@ class OptimizeParams(BaseModel):
         description="sampling mode: training-split queries after the n_queries the rounds use, kept "
                     "for the final check alone (0 = the final check reuses the rounds' queries)",
     )
+    final_samples: int | None = Field(
+        None, ge=1,
+        description="sampling mode: samples per query in the final check (None = samples_per_query)",
+    )
     minibatch: int = Field(8, ge=1, description="queries per candidate in sampling mode")
     good_examples: int = Field(2, ge=0, description="high-f pool responses shown to the optimizer")
     parroting_examples: int = Field(1, ge=0, description="parroting responses shown to the optimizer")
@@ -138,7 +142,7 @@ PRESETS: dict[str, OptimizeParams] = {
         n_queries=6, samples_per_query=2, aligned_pool_size=3, noisy_pool_size=3, bare_samples=3,
         candidates=3, rounds=3, patience=2, max_new_tokens=96, optimizer_max_tokens=200,
         instruction_max_chars=800, mode="sampling", minibatch=6, good_examples=2,
-        parroting_examples=1, final_queries=12,
+        parroting_examples=1, final_queries=12, final_samples=1,
     ),
     # For tests with SmolLM2-135M.
     "tiny": OptimizeParams(
@@ -227,7 +231,8 @@ def estimate(
     # the end: in sampling mode the final check samples the seed, the last instruction and (with
     # weigh_bare) the bare model on fresh seeds of its own queries or the rounds' (also the
     # seed-vs-final report); otherwise the final one is sampled on round-1 seeds
-    report = (2 + params.weigh_bare) * (params.final_queries or N) * n if mode == "sampling" else N * n
+    final_n = params.final_samples or n
+    report = (2 + params.weigh_bare) * (params.final_queries or N) * final_n if mode == "sampling" else N * n
     sampling_per_round = scored * min(params.minibatch, N) * n if mode == "sampling" else 0
     target_gen = bare + T * enhance + report + T * sampling_per_round
     # the current instruction and every candidate score each pooled response; at the end, every

@@ -1,0 +1,96 @@
+"""How small can the final check on kept-aside queries be? Replays it on fewer queries and samples.
+
+Each argument names a finished run whose final check ran on kept-aside queries (`final_queries`) and
+the evaluation summary of that run (held-out means of Q, Q+IF and PICACO):
+
+    PYTHONPATH=. .venv/bin/python bench/final_check_size.py \\
+        LABEL=RUN_DIR=EVAL_SUMMARY_JSON [...] [--repeats 200]
+
+For K kept-aside queries and s samples per query, it draws K of the run's kept-aside queries (and,
+for s = 1, one of the recorded samples of each) from the check's own records, applies the final
+check's rule to them (the seed only if e^T is demonstrably worse, one-sided paired t-test at 0.05;
+then the bare model if its mean f is higher) and scores the choice by its held-out mean: the bare
+model by Q's row, the seed by Q+IF's (the runs were seeded from Q+IF), e^T by PICACO's. The average
+over runs and draws says what a smaller check would have returned on these runs. No model is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+from pathlib import Path
+
+from picaco.optimize.pools import Scored
+from picaco.optimize.rundir import instruction_hash
+from picaco.optimize.scoring import sampling_score, worse_p_value
+
+ARMS = ("bare", "seed", "eT")
+
+
+def load(run_dir: Path, summary: Path):
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    kept = prov.get("final_queries")
+    if not kept:
+        raise SystemExit(f"{run_dir}: its final check ran on no kept-aside queries (final_queries)")
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    hashes = {"bare": instruction_hash(""), "seed": instruction_hash(prov["seed_instruction"]),
+              "eT": instruction_hash(rounds[-1]["instruction"])}
+    samples: dict[str, dict[str, dict[int, Scored]]] = {a: collections.defaultdict(dict) for a in ARMS}
+    for line in (run_dir / "responses.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["phase"] != "final" or r["query_id"] not in kept:
+            continue
+        for arm, h in hashes.items():
+            if r["instruction_hash"] == h:
+                samples[arm][r["query_id"]][r["sample"]] = Scored(
+                    query_id=r["query_id"], text=r["text"], f=r["f"], log_qphi=r["log_qphi"],
+                    probs={}, round=0, sample=r["sample"], instruction_hash=h)
+    methods = json.loads(summary.read_text())["methods"]
+    held_out = {"bare": methods["Q"]["mean"], "seed": methods["Q+IF"]["mean"],
+                "eT": methods["PICACO"]["mean"]}
+    return kept, samples, held_out
+
+
+def choose(samples, picks: list[tuple[str, list[int]]]) -> str:
+    """The final check's choice on the given (query, samples) picks (as `Engine._select_final` and `_bare_wins` decide)."""
+    drawn = {a: [samples[a][q][j] for q, js in picks for j in js] for a in ARMS}
+    pick = "seed" if worse_p_value(drawn["eT"], drawn["seed"]) < 0.05 else "eT"
+    return "bare" if sampling_score(drawn["bare"]).score > sampling_score(drawn[pick]).score else pick
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON")
+    ap.add_argument("--repeats", type=int, default=200, help="random draws per size and run")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    runs = []
+    for spec in args.runs:
+        label, run_dir, summary = spec.split("=")
+        runs.append((label, *load(Path(run_dir), Path(summary))))
+    rng = random.Random(args.seed)
+    always_et = sum(h["eT"] for *_, h in runs) / len(runs)
+    print(f"{len(runs)} runs; held-out mean of e^T (no final check): {always_et:.3f}")
+    print("| kept-aside queries | samples each | held-out mean of the choice | bare / seed / e^T chosen |")
+    print("|---|---|---|---|")
+    full = min(len(kept) for _, kept, *_ in runs)
+    for k in sorted({full, 10, 8, 6} - {n for n in (10, 8, 6) if n > full}, reverse=True):
+        for n in (2, 1):
+            every = k == full and n == 2  # the check as it ran: one draw is all there is
+            total, count, chosen = 0.0, 0, collections.Counter()
+            for _ in range(1 if every else args.repeats):
+                for _, kept, samples, held_out in runs:
+                    queries = kept if every else rng.sample(kept, k)
+                    picks = [(q, [0, 1] if n == 2 else [rng.randrange(2)]) for q in queries]
+                    arm = choose(samples, picks)
+                    total += held_out[arm]
+                    count += 1
+                    chosen[arm] += 1
+            share = " / ".join(f"{chosen[a] / count:.0%}" for a in ARMS)
+            print(f"| {k} | {n} | {total / count:.3f} | {share} |")
+
+
+if __name__ == "__main__":
+    main()
