@@ -38,7 +38,7 @@ from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.progress import ProgressEvent, ProgressSink, QuietProgress
-from picaco.optimize.rundir import RunDir, read_final_instruction, require_finished
+from picaco.optimize.rundir import RunDir, instruction_hash, read_final_instruction, require_finished
 from picaco.optimize.scoring import (
     FINAL_CHECK_ALPHA,
     CandidateScore,
@@ -144,10 +144,6 @@ def derive_seed(*parts: object) -> int:
     """A sampling seed that depends only on its parts (run seed, phase, round, query, sample)."""
     blob = json.dumps([str(p) for p in parts]).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def instruction_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 async def gather_all(coros: Sequence[Awaitable]) -> list:

@@ -29,12 +29,18 @@ Whole-file outputs are written to a temp file and renamed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from picaco.errors import ConfigError, DataError
+
+
+def instruction_hash(text: str) -> str:
+    """The key of an instruction in the run directory's records (responses, candidates, rounds)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 JSONL_FILES = ("events.jsonl", "responses.jsonl", "candidates.jsonl", "rounds.jsonl")
 #: what a finished run writes at its end; a refinish moves them to previous/N/ and writes them anew

@@ -17,15 +17,9 @@ from pathlib import Path
 
 from picaco.llm.base import fill_template
 from picaco.errors import DataError, PicacoError
-from picaco.optimize.rundir import JSONL_FILES, RunDir
+from picaco.optimize.rundir import JSONL_FILES, RunDir, instruction_hash
 
 RATING_MIN, RATING_MAX = 1.0, 5.0
-
-
-def instruction_hash(text: str) -> str:
-    # the engine's key for an instruction (picaco.optimize.engine.instruction_hash); repeated here so
-    # the report does not import the engine and its model-side dependencies
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def rating_of(score: Mapping | None) -> float | None:
