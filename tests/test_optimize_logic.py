@@ -1507,6 +1507,10 @@ def test_the_final_check_returns_no_instruction_when_the_bare_model_beats_it(tmp
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert 'id="no-instruction"' in page and "final-instruction" not in page  # no box, no copy button
     assert "none: the bare model (no instruction) beat the run" in page
+    # its side of the seed-vs-final table, figures and examples is the bare model, not "final"
+    assert "The seed instruction and the bare model (no instruction) answered the same" in page
+    assert '<th class="n">No instruction</th>' in page and "final instruction" not in page
+    assert "Mean rating per value: seed and bare model (no instruction)" in page
     # evaluating the run's instruction evaluates the bare model; warm-starting from it is refused
     from picaco.baselines import Instruction
     from picaco.optimize import read_final_instruction

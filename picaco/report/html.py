@@ -174,14 +174,20 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
     scores = seed_final_scores(run, matched)
     methods, compare_notes = load_compare(compare, run.value_ids,
                                           (run.config.get("fingerprint") or {}).get("value_set"))
-    final_label = "final" if run.final_kind == "final" else "latest"
+    # the final check weighed the bare model and returned no instruction: its side is the bare model
+    no_instruction = run.final_kind == "final" and not run.final_instruction.strip()
+    if no_instruction:
+        final_label, final_side = "no instruction", "bare model (no instruction)"
+    else:
+        final_label = "final" if run.final_kind == "final" else "latest"
+        final_side = f"{final_label} instruction"
     per_round = round_means(run)
     value_rows = _value_rows(run, scores, methods)
     weak = weakest_values(scores.final if any(v is not None for v in scores.final.values())
                           else scores.seed, WEAKEST_VALUES)
     value_colours = {v: F.SERIES[i % len(F.SERIES)] for i, v in enumerate(run.value_ids)}
     figs, figure_notes = _figures(run, scores, methods, per_round, value_colours, figure_dir,
-                                  final_label)
+                                  final_label, final_side)
     history = candidate_history(run)
     gain, noise = gain_and_noise(run, matched)  # is the gain more than the noise of the decisions that found it?
     return {
@@ -191,6 +197,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "version": picaco.__version__,
         "status": _status(run),
         "final_label": final_label,
+        "final_side": final_side,
         "cards": _cards(run, scores),
         "scores": scores,
         "gain": gain,
@@ -208,8 +215,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "examples": _example_groups(run, matched, weak),
         "weak": weak,
         "same_instruction": run.final_hash == run.seed_hash,
-        # the final check weighed the bare model and returned no instruction
-        "no_instruction": run.final_kind == "final" and not run.final_instruction.strip(),
+        "no_instruction": no_instruction,
         "accounting": _accounting_rows(run.accounting),
         "estimate": (run.config.get("estimate") or {}),
         "provenance": _provenance_rows(run),
@@ -293,7 +299,7 @@ def _method_colours(methods: Mapping) -> dict[str, str]:
 
 
 def _figures(run: RunData, scores, methods, per_round, value_colours, out_dir: Path,
-             final_label: str) -> tuple[list[F.RenderedFigure], list[str]]:
+             final_label: str, final_side: str) -> tuple[list[F.RenderedFigure], list[str]]:
     figs: list[F.RenderedFigure] = []
     notes: list[str] = []
     labels = [run.title(v) for v in run.value_ids]
@@ -302,8 +308,8 @@ def _figures(run: RunData, scores, methods, per_round, value_colours, out_dir: P
     has_scores = any(x is not None for x in seed + final)
     if has_scores:
         fig = F.build(F.scores_bars, labels, seed, final, final_label=final_label)
-        figs.append(F.render(fig, "scores", "Mean rating per value: seed and "
-                             f"{final_label} instruction", out_dir))
+        figs.append(F.render(fig, "scores", f"Mean rating per value: seed and {final_side}",
+                             out_dir))
     else:
         notes.append("No scored responses yet: the score charts appear after round 1.")
     if has_scores and len(run.value_ids) >= 3:
