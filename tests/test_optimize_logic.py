@@ -1370,7 +1370,8 @@ def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
     fp = json.loads((tmp_path / "balanced" / "config.json").read_text())["fingerprint"]["params"]
     assert fp["balance"] == 0.5
     assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
-        k: v for k, v in SMALL.model_dump(mode="json").items() if k not in ("balance", "weigh_bare", "final_queries")}
+        k: v for k, v in SMALL.model_dump(mode="json").items()
+        if k not in ("balance", "weigh_bare", "final_queries", "final_samples")}
 
 
 class WordJudge(FakeJudge):
