@@ -24,7 +24,7 @@ from pathlib import Path
 
 from picaco.optimize.pools import Scored
 from picaco.optimize.rundir import instruction_hash
-from picaco.optimize.scoring import sampling_score, worse_p_value
+from picaco.optimize.scoring import FINAL_CHECK_ALPHA, sampling_score, worse_p_value
 
 ARMS = ("bare", "seed", "eT")
 
@@ -56,7 +56,7 @@ def load(run_dir: Path, summary: Path):
 def choose(samples, picks: list[tuple[str, list[int]]]) -> str:
     """The final check's choice on the given (query, samples) picks (as `Engine._select_final` and `_bare_wins` decide)."""
     drawn = {a: [samples[a][q][j] for q, js in picks for j in js] for a in ARMS}
-    pick = "seed" if worse_p_value(drawn["eT"], drawn["seed"]) < 0.05 else "eT"
+    pick = "seed" if worse_p_value(drawn["eT"], drawn["seed"]) < FINAL_CHECK_ALPHA else "eT"
     return "bare" if sampling_score(drawn["bare"]).score > sampling_score(drawn[pick]).score else pick
 
 
