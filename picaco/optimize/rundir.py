@@ -42,6 +42,7 @@ def instruction_hash(text: str) -> str:
     """The key of an instruction in the run directory's records (responses, candidates, rounds)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
+
 JSONL_FILES = ("events.jsonl", "responses.jsonl", "candidates.jsonl", "rounds.jsonl")
 #: what a finished run writes at its end; a refinish moves them to previous/N/ and writes them anew
 RESULT_FILES = ("result.json", "instruction.txt", "system_prompt.txt", "provenance.json", "report.html",
