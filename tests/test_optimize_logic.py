@@ -1501,7 +1501,9 @@ def test_the_final_check_returns_no_instruction_when_the_bare_model_beats_it(tmp
     # what the user reads: the command line and the report say "no instruction", not an empty box
     from picaco.cli import print_result
     from picaco.report import write_report
+    from picaco.report.rundata import load_run
 
+    assert load_run(tmp_path).returned_no_instruction  # the report asks the same rule as the rundir
     print_result(result)
     printed = capsys.readouterr().out
     assert "no instruction" in printed and "instruction.txt is empty" in " ".join(printed.split())

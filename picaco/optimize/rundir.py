@@ -266,15 +266,21 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def is_no_instruction_result(result: object) -> bool:
+    """Whether a parsed result.json says the final check returned no instruction (the bare model
+    won): an empty instruction from no round, not a damaged or emptied file."""
+    return (isinstance(result, dict) and result.get("instruction") == ""
+            and "selected_round" in result and result["selected_round"] is None)
+
+
 def returned_no_instruction(run_dir: Path | str) -> bool:
-    """Whether `run_dir` holds a finished run whose final check returned no instruction (the bare
-    model won): its empty instruction.txt is the result, not a damaged or emptied file."""
+    """Whether `run_dir` holds a finished run whose final check returned no instruction: its empty
+    instruction.txt is the result."""
     try:
         result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (isinstance(result, dict) and result.get("instruction") == ""
-            and "selected_round" in result and result["selected_round"] is None)
+    return is_no_instruction_result(result)
 
 
 def read_final_instruction(run_dir: Path | str) -> str:

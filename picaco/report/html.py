@@ -175,7 +175,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
     methods, compare_notes = load_compare(compare, run.value_ids,
                                           (run.config.get("fingerprint") or {}).get("value_set"))
     # the final check weighed the bare model and returned no instruction: its side is the bare model
-    no_instruction = run.final_kind == "final" and not run.final_instruction.strip()
+    no_instruction = run.returned_no_instruction
     if no_instruction:
         final_label, final_side = "no instruction", "bare model (no instruction)"
     else:

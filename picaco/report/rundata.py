@@ -17,7 +17,7 @@ from pathlib import Path
 
 from picaco.llm.base import fill_template
 from picaco.errors import DataError, PicacoError
-from picaco.optimize.rundir import JSONL_FILES, RunDir, instruction_hash
+from picaco.optimize.rundir import JSONL_FILES, RunDir, instruction_hash, is_no_instruction_result
 
 RATING_MIN, RATING_MAX = 1.0, 5.0
 
@@ -84,6 +84,11 @@ class RunData:
     @property
     def finished(self) -> bool:
         return self.result is not None
+
+    @property
+    def returned_no_instruction(self) -> bool:
+        """The finished run's final check found the bare model better: no instruction is the result."""
+        return is_no_instruction_result(self.result)
 
     @property
     def system_template(self) -> str | None:
