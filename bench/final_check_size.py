@@ -8,7 +8,8 @@ the evaluation summary of that run (held-out means of Q, Q+IF and PICACO):
 
 For K kept-aside queries and s samples per query, it draws K of the run's kept-aside queries (and,
 for s = 1, one of the recorded samples of each) from the check's own records, applies the final
-check's rule to them (the seed only if e^T is demonstrably worse, one-sided paired t-test at 0.05;
+check's rule to them with the engine's own functions (`scoring.seed_comes_back`: the seed only if
+e^T is demonstrably worse, one-sided paired t-test at 0.05; `scoring.bare_model_wins`:
 then the bare model if its mean f is higher) and scores the choice by its held-out mean: the bare
 model by Q's row, the seed by Q+IF's (the runs were seeded from Q+IF), e^T by PICACO's. The average
 over runs and draws says what a smaller check would have returned on these runs. No model is called.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from picaco.optimize.pools import Scored
 from picaco.optimize.rundir import instruction_hash
-from picaco.optimize.scoring import FINAL_CHECK_ALPHA, sampling_score, worse_p_value
+from picaco.optimize.scoring import bare_model_wins, seed_comes_back
 
 ARMS = ("bare", "seed", "eT")
 
@@ -56,8 +57,8 @@ def load(run_dir: Path, summary: Path):
 def choose(samples, picks: list[tuple[str, list[int]]]) -> str:
     """The final check's choice on the given (query, samples) picks (as `Engine._select_final` and `_bare_wins` decide)."""
     drawn = {a: [samples[a][q][j] for q, js in picks for j in js] for a in ARMS}
-    pick = "seed" if worse_p_value(drawn["eT"], drawn["seed"]) < FINAL_CHECK_ALPHA else "eT"
-    return "bare" if sampling_score(drawn["bare"]).score > sampling_score(drawn[pick]).score else pick
+    pick = "seed" if seed_comes_back(drawn["eT"], drawn["seed"])[0] else "eT"
+    return "bare" if bare_model_wins(drawn[pick], drawn["bare"], kept_aside=True)[0] else pick
 
 
 def main() -> None:

@@ -1660,14 +1660,19 @@ def test_final_queries_come_from_the_training_split_after_the_rounds_queries():
     assert held == [] and any("reuses the rounds' queries" in w for w in warnings)
 
 
-def test_worse_p_value_is_a_one_sided_paired_t_test_over_queries():
-    from picaco.optimize.scoring import FINAL_CHECK_ALPHA, worse_p_value
+def _one_per_query(fs):  # one response per query with this f
+    return [_s(f"q{i}", "t", f) for i, f in enumerate(fs)]
 
-    def samples(fs):  # one response per query with this f
-        return [_s(f"q{i}", "t", f) for i, f in enumerate(fs)]
+
+def test_worse_p_value_is_a_one_sided_paired_t_test_over_queries():
+    from picaco.optimize.scoring import FINAL_CHECK_ALPHA, seed_comes_back, worse_p_value
+
+    samples = _one_per_query
 
     def worse(candidate, reference):  # the final check's rule: the seed comes back below alpha
-        return worse_p_value(candidate, reference) < FINAL_CHECK_ALPHA
+        back, p = seed_comes_back(candidate, reference)
+        assert p == worse_p_value(candidate, reference)
+        return back
 
     seed = samples([0.0, 0.0, 0.0])
     # differences -1, -2, -3: mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464, df 2: p = 0.0371
@@ -1684,6 +1689,22 @@ def test_worse_p_value_is_a_one_sided_paired_t_test_over_queries():
     assert worse(samples([-0.1]), samples([0.0]))  # one query: the plain comparison
     assert worse_p_value(samples([None, None, None]), seed) == 0.0  # nothing scored
     assert not worse(samples([0.0, 0.0, 0.0]), seed)  # a tie keeps the candidate
+
+
+def test_the_bare_model_wins_on_the_higher_mean_kept_aside_and_only_on_evidence_otherwise():
+    from picaco.optimize.scoring import bare_model_wins
+
+    pick, bare = _one_per_query([0.0, 0.0, 0.0]), _one_per_query([-1.0, 0.0, 1.5])  # bare mean +1/6
+    # kept-aside queries: the higher mean decides, with no test
+    assert bare_model_wins(pick, bare, kept_aside=True) == (True, None)
+    assert bare_model_wins(bare, pick, kept_aside=True) == (False, None)
+    assert bare_model_wins(pick, list(pick), kept_aside=True) == (False, None)  # a tie keeps the pick
+    # the rounds' queries: differences of the pick 1, 0, -1.5 (mean -1/6, sd 1.258, t = -0.229, df 2)
+    wins, p = bare_model_wins(pick, bare, kept_aside=False)
+    assert not wins and p == pytest.approx(0.4199, abs=1e-4)
+    # differences -1, -2, -3 against a better bare model: p 0.0371 < 0.05, the bare model wins
+    wins, p = bare_model_wins(pick, _one_per_query([1.0, 2.0, 3.0]), kept_aside=False)
+    assert wins and p == pytest.approx(0.0371, abs=1e-4)
 
 
 def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_noise(tmp_path):

@@ -42,10 +42,11 @@ from picaco.optimize.rundir import RunDir, instruction_hash, read_final_instruct
 from picaco.optimize.scoring import (
     FINAL_CHECK_ALPHA,
     CandidateScore,
+    bare_model_wins,
     likelihood_score,
     sampling_score,
+    seed_comes_back,
     select_mode,
-    worse_p_value,
 )
 from picaco.values import ValueSet
 
@@ -1000,7 +1001,7 @@ class Engine:
 
         Likelihood/proxy modes: J(e) on the final pools for every distinct trajectory instruction.
         Sampling mode: the seed against the last one, both on fresh seeds; the seed only if the last
-        one is demonstrably worse (`scoring.worse_p_value` below FINAL_CHECK_ALPHA; the result's notes
+        one is demonstrably worse (`scoring.seed_comes_back`; the result's notes
         give the numbers). Otherwise ties go to the later one. With `weigh_bare` the bare model (no
         instruction) is then sampled on the same queries and seeds and may replace the pick
         (`_bare_wins`). The check runs on `final_queries` when the run keeps some aside.
@@ -1031,10 +1032,8 @@ class Engine:
         if changed:
             last_samples = await self._sample(trajectory[last], plan, phase="final", round=last)
             final_score = sampling_score(last_samples).score
-            # e^T won every round it was in; the seed comes back only on evidence that e^T is
-            # worse, not on a lower mean alone: at N x n samples that difference is mostly noise
-            p = worse_p_value(last_samples, seed_samples)
-            pick = 0 if p < FINAL_CHECK_ALPHA else last
+            seed_back, p = seed_comes_back(last_samples, seed_samples)
+            pick = 0 if seed_back else last
             picked = seed_samples if pick == 0 else last_samples
             self.notes.append(
                 f"final check on fresh seeds over {where}: mean f of round "
@@ -1056,26 +1055,19 @@ class Engine:
         return choice
 
     def _bare_wins(self, picked: list[Scored], bare: list[Scored], which: str) -> bool:
-        """Whether no instruction (the bare model) is returned instead of the final check's pick.
-
-        No instruction is also an answer. On queries no round saw (`final_queries`) both scores are
-        unbiased and no round has compared the two, so the higher mean decides (ties keep the pick).
-        On the rounds' own queries the pick was chosen for scoring well on them, so the bare model
-        must be demonstrably better, by the same test as the seed (docs/method.md, step 8).
-        """
+        """Whether no instruction (the bare model) is returned instead of the final check's pick
+        (`scoring.bare_model_wins`: the higher mean on kept-aside queries, evidence on the rounds'
+        own; docs/method.md, step 8), with a note giving the numbers."""
         bare_score, picked_score = sampling_score(bare).score, sampling_score(picked).score
         head = (f"final check against the bare model (no instruction) on the same seeds: mean f "
                 f"{bare_score:.3f} against {picked_score:.3f} for {which}; ")
-        if self.final_queries:
-            wins = bare_score > picked_score
-            self.notes.append(head + "on queries no round saw the higher mean decides: "
-                              + ("no instruction is returned" if wins else f"{which} is kept"))
-            return wins
-        p = worse_p_value(picked, bare)
-        wins = p < FINAL_CHECK_ALPHA
-        self.notes.append(head + f"one-sided paired t-test that {which} is worse: p = {p:.3f} "
-                          f"(alpha {FINAL_CHECK_ALPHA}): "
-                          + ("no instruction is returned" if wins else f"{which} is kept"))
+        wins, p = bare_model_wins(picked, bare, kept_aside=bool(self.final_queries))
+        if p is None:
+            rule = "on queries no round saw the higher mean decides: "
+        else:
+            rule = (f"one-sided paired t-test that {which} is worse: p = {p:.3f} "
+                    f"(alpha {FINAL_CHECK_ALPHA}): ")
+        self.notes.append(head + rule + ("no instruction is returned" if wins else f"{which} is kept"))
         return wins
 
     def _write_outputs(self, result: OptimizeResult) -> None:

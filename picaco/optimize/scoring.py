@@ -136,3 +136,27 @@ def sampling_score(responses: Sequence[Scored]) -> CandidateScore:
     scored = [f for v in by_query.values() for f in v]
     score = float(np.mean(scored)) if scored else float("-inf")
     return CandidateScore(score, per_query, n_responses=len(scored))
+
+
+# -- the final check's two rules (docs/method.md, step 8): the engine and bench/final_check_size.py
+# -- both decide with these
+
+
+def seed_comes_back(last: Sequence[Scored], seed: Sequence[Scored]) -> tuple[bool, float]:
+    """Whether the seed replaces the trajectory's last instruction, and the p value: only on evidence
+    that the last one is worse (one-sided paired test below FINAL_CHECK_ALPHA), since it won every
+    round it was in and a lower mean alone is mostly noise."""
+    p = worse_p_value(last, seed)
+    return p < FINAL_CHECK_ALPHA, p
+
+
+def bare_model_wins(picked: Sequence[Scored], bare: Sequence[Scored], *,
+                    kept_aside: bool) -> tuple[bool, float | None]:
+    """Whether no instruction (the bare model) replaces the pick, and the p value of the test (None
+    when there is none). On kept-aside queries both means are unbiased and no round compared the
+    two, so the higher mean decides and a tie keeps the pick; on the rounds' own queries the pick
+    was chosen for scoring well there, so the bare model must be demonstrably better."""
+    if kept_aside:
+        return sampling_score(bare).score > sampling_score(picked).score, None
+    p = worse_p_value(picked, bare)
+    return p < FINAL_CHECK_ALPHA, p
