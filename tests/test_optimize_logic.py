@@ -1371,7 +1371,7 @@ def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
     assert fp["balance"] == 0.5
     assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
         k: v for k, v in SMALL.model_dump(mode="json").items()
-        if k not in ("balance", "weigh_bare", "final_queries", "final_samples")}
+        if k not in ("balance", "replace_alpha", "weigh_bare", "final_queries", "final_samples")}
 
 
 class WordJudge(FakeJudge):
@@ -1729,6 +1729,44 @@ def test_sampling_mode_final_check_keeps_e_t_when_it_is_worse_only_within_the_no
     [note] = [n for n in result.notes if n.startswith("final check on fresh seeds")]
     assert f"round 1's instruction {result.objective_final:.3f}, of the seed {result.objective_seed:.3f}" in note
     assert note.endswith("round 1's instruction is kept") and "p = 0." in note
+
+
+def test_replace_alpha_keeps_the_incumbent_unless_the_best_candidate_has_evidence(tmp_path):
+    # The seed answers MEDIUM everywhere. "Mixed" answers GOOD, BAD, GOOD on the three queries: a
+    # higher mean f, but one query's loss against two gains is weak evidence. "Clear" answers GOOD
+    # everywhere. By default the higher mean decides; with replace_alpha only Clear replaces the seed.
+    from picaco.optimize.scoring import per_query_worse_p
+
+    seed, mixed, clear = "Seed: be good.", "Mixed: be varied.", "Clear: be better."
+    per_query = {QUERIES[0].text: "GOOD answer", QUERIES[1].text: "BAD answer",
+                 QUERIES[2].text: "GOOD answer"}
+
+    def answers(system, request):
+        if system == mixed:
+            return per_query[request.messages[-1].content]
+        return {seed: "MEDIUM answer", clear: "GOOD answer"}.get(system, "BAD answer")
+
+    def run(name, proposal, **update):
+        params = FINAL_CHECK_PARAMS.model_copy(update={"rounds": 1, "grounded": 0, **update})
+        result = run_scripted(tmp_path / name, params, seed, answers, lambda request: proposal)
+        [record] = _records(tmp_path / name, "rounds.jsonl")
+        return result, record
+
+    result, record = run("default", mixed)
+    assert record["instruction"] == mixed and "replace_p" not in record  # the paper's rule
+    result, record = run("alpha-mixed", mixed, replace_alpha=0.2)
+    assert record["instruction"] == seed and not record["changed"]
+    assert record["objective"] == record["objective_previous"]  # the incumbent's own score
+    scores = {r["instruction_hash"]: r["per_query"] for r in _records(tmp_path / "alpha-mixed", "candidates.jsonl")
+              if r["kind"] == "score"}
+    p = per_query_worse_p(scores[record["previous_hash"]], scores[instruction_hash(mixed)])
+    assert record["replace_p"] == pytest.approx(p) and 0.2 <= p < 1
+    assert result.instruction == seed
+    result, record = run("alpha-clear", clear, replace_alpha=0.2)
+    assert record["instruction"] == clear and record["replace_p"] == 0.0  # better on every query
+    # an experiment's setting: off by default, so it leaves older runs' fingerprints alone
+    assert "replace_alpha" not in fingerprint_params(FINAL_CHECK_PARAMS)
+    assert fingerprint_params(FINAL_CHECK_PARAMS.model_copy(update={"replace_alpha": 0.2}))["replace_alpha"] == 0.2
 
 
 def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):

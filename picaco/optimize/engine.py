@@ -44,6 +44,7 @@ from picaco.optimize.scoring import (
     CandidateScore,
     bare_model_wins,
     likelihood_score,
+    per_query_worse_p,
     sampling_score,
     seed_comes_back,
     select_mode,
@@ -128,7 +129,7 @@ async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
 
 #: parameters added after run directories existed, with the value that computes what runs did before
 #: them: at that value they are left out of the fingerprint, so older run directories still resume
-NEUTRAL_LATER_PARAMS = {"balance": 0.0}
+NEUTRAL_LATER_PARAMS = {"balance": 0.0, "replace_alpha": None}
 #: parameters of the final check only: the rounds do not depend on them, so they are not part of the
 #: fingerprint (a finished run takes a changed one with `--refinish`); provenance.json records them
 FINAL_CHECK_ONLY_PARAMS = ("weigh_bare", "final_queries", "final_samples")
@@ -786,7 +787,14 @@ class Engine:
         for i in range(1, len(instructions)):
             if scores[i].score > scores[best].score:  # ties keep the current instruction
                 best = i
-        return instructions[best], scores[best].score, scores[0].score
+        replace_p = None
+        if best and self.params.replace_alpha is not None and self.mode == "sampling":
+            # an incumbent advantage: the best of several noisy means is usually ahead by chance,
+            # so it replaces the incumbent only on evidence that the incumbent is worse
+            replace_p = per_query_worse_p(scores[0].per_query, scores[best].per_query)
+            if replace_p >= self.params.replace_alpha:
+                best = 0
+        return instructions[best], scores[best].score, scores[0].score, replace_p
 
     # -- reporting helpers -----------------------------------------------------------------------
     def sampled_value_means(self, sampled: Sequence[Scored]) -> dict[str, float | None]:
@@ -864,10 +872,10 @@ class Engine:
                     round1 = sampled
                 verdicts = await self._phase(
                     "propose", t, lambda t=t, s=sampled: self.propose(t, current, s))
-                chosen, chosen_score, current_score = await self._phase(
+                chosen, chosen_score, current_score, replace_p = await self._phase(
                     "refine", t, lambda t=t, v=verdicts: self.refine(t, current, v))
                 self._record_round(t, current, chosen, chosen_score, current_score, sampled,
-                                   verdicts)
+                                   verdicts, replace_p)
                 rounds_completed = t
                 unchanged = unchanged + 1 if chosen == current else 0
                 current = chosen
@@ -883,7 +891,8 @@ class Engine:
         self.emit("run_end", **self._end_data(result))
         return result
 
-    def _record_round(self, t, current, chosen, chosen_score, current_score, sampled, verdicts):
+    def _record_round(self, t, current, chosen, chosen_score, current_score, sampled, verdicts,
+                      replace_p=None):
         pool_means = self.pools.value_means(self.value_ids)
         sampled_means = self.sampled_value_means(sampled)
         tc = self.tc_of(sampled)
@@ -908,6 +917,8 @@ class Engine:
             "discarded": reasons,
             "mode": self.mode,
         }
+        if replace_p is not None:  # replace_alpha: the evidence the round's best candidate had
+            record["replace_p"] = replace_p
         if t not in self.round_records:
             self.rundir.append("rounds.jsonl", record)
             self.round_records[t] = record
@@ -1141,6 +1152,9 @@ class Engine:
                 out.append(f"the call budget ({left} left) is below the estimate "
                            f"(~{est.total_calls} calls): the run may stop before round "
                            f"{self.params.rounds}")
+        if self.params.replace_alpha is not None and self.mode != "sampling":
+            out.append(f"replace_alpha applies to sampling-mode rounds; this run is in {self.mode} "
+                       "mode, where the best candidate by J replaces the incumbent: it goes unused")
         if self.final_queries and self.mode != "sampling":
             out.append(f"final_queries applies to the sampling-mode final check; this run is in "
                        f"{self.mode} mode, where the final check scores on the pools of the "

@@ -106,6 +106,12 @@ class OptimizeParams(BaseModel):
         None, ge=1,
         description="sampling mode: samples per query in the final check (None = samples_per_query)",
     )
+    replace_alpha: float | None = Field(
+        None, gt=0, le=1,
+        description="sampling mode: a round's best candidate replaces the incumbent only when the "
+                    "one-sided paired p that the incumbent is worse is below this (None = the higher "
+                    "mean decides, as in the paper); an experiment, not a default (docs/method.md)",
+    )
     minibatch: int = Field(8, ge=1, description="queries per candidate in sampling mode")
     good_examples: int = Field(2, ge=0, description="high-f pool responses shown to the optimizer")
     parroting_examples: int = Field(1, ge=0, description="parroting responses shown to the optimizer")

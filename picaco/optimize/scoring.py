@@ -111,9 +111,14 @@ def worse_p_value(candidate: Sequence[Scored], reference: Sequence[Scored]) -> f
     of the per-query mean f, both sampled on the same queries and seeds. Without a spread to test
     against (one query, or the same difference on every query) the sign decides: 0 for a loss, 1
     otherwise. Nothing of the candidate's scored while the reference's was: 0."""
+    return per_query_worse_p(sampling_score(candidate).per_query, sampling_score(reference).per_query)
+
+
+def per_query_worse_p(mine: dict[str, float], theirs: dict[str, float]) -> float:
+    """`worse_p_value` on per-query mean f (`CandidateScore.per_query`) of two instructions sampled on
+    the same queries and seeds."""
     from scipy import stats
 
-    mine, theirs = sampling_score(candidate).per_query, sampling_score(reference).per_query
     if theirs and not mine:
         return 0.0
     diffs = np.array([mine[q] - theirs[q] for q in mine if q in theirs])
