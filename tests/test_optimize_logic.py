@@ -1762,6 +1762,11 @@ def test_replace_alpha_keeps_the_incumbent_unless_the_best_candidate_has_evidenc
     p = per_query_worse_p(scores[record["previous_hash"]], scores[instruction_hash(mixed)])
     assert record["replace_p"] == pytest.approx(p) and 0.2 <= p < 1
     assert result.instruction == seed
+    from picaco.report import write_report
+
+    page = write_report(tmp_path / "alpha-mixed").read_text(encoding="utf-8")
+    assert f"unchanged (p {p:.3f})" in page and "with <code>replace_alpha</code>" in page
+    assert "with <code>replace_alpha</code>" not in write_report(tmp_path / "default").read_text(encoding="utf-8")
     result, record = run("alpha-clear", clear, replace_alpha=0.2)
     assert record["instruction"] == clear and record["replace_p"] == 0.0  # better on every query
     # an experiment's setting: off by default, so it leaves older runs' fingerprints alone

@@ -348,6 +348,7 @@ def _round_rows(run: RunData, per_round: dict) -> list[dict]:
             "round": t, "changed": bool(r.get("changed")),
             "objective": r.get("objective"), "objective_previous": r.get("objective_previous"),
             "tc": r.get("tc_bound_previous"),
+            "replace_p": r.get("replace_p"),  # only with replace_alpha: the best candidate's evidence
             "proposed": r.get("proposed", 0), "kept": r.get("kept", 0),
             "discarded": ", ".join(f"{k} ×{n}" for k, n in sorted(discarded.items())),
             "mean": overall(per_round.get(t, {})),
