@@ -12,7 +12,9 @@ check's rule to them with the engine's own functions (`scoring.seed_comes_back`:
 e^T is demonstrably worse, one-sided paired t-test at 0.05; `scoring.bare_model_wins`:
 then the bare model if its mean f is higher) and scores the choice by its held-out mean: the bare
 model by Q's row, the seed by Q+IF's (the runs were seeded from Q+IF), e^T by PICACO's. The average
-over runs and draws says what a smaller check would have returned on these runs. No model is called.
+over runs and draws says what a smaller check would have returned on these runs. The last line is
+what the full check would have returned had no round changed the seed (the seed against the bare
+model): the limit of an incumbent advantage no candidate passes. No model is called.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def choose(samples, picks: list[tuple[str, list[int]]]) -> str:
     return "bare" if bare_model_wins(drawn[pick], drawn["bare"], kept_aside=True)[0] else pick
 
 
+def choose_without_rounds(samples, picks: list[tuple[str, list[int]]]) -> str:
+    """The check's choice had no round changed the seed (e^T = the seed): the seed or the bare model."""
+    drawn = {a: [samples[a][q][j] for q, js in picks for j in js] for a in ("bare", "seed")}
+    return "bare" if bare_model_wins(drawn["seed"], drawn["bare"], kept_aside=True)[0] else "seed"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON")
@@ -91,6 +99,11 @@ def main() -> None:
                     chosen[arm] += 1
             share = " / ".join(f"{chosen[a] / count:.0%}" for a in ARMS)
             print(f"| {k} | {n} | {total / count:.3f} | {share} |")
+    # the limit of an incumbent advantage that no candidate ever passes: the rounds change nothing
+    limit = [held_out[choose_without_rounds(samples, [(q, [0, 1]) for q in kept])]
+             for _, kept, samples, held_out in runs]
+    print(f"\nHad no round changed the seed, the full check would return prompts scoring "
+          f"{sum(limit) / len(limit):.3f} held out (per run: {', '.join(f'{x:.2f}' for x in limit)}).")
 
 
 if __name__ == "__main__":
