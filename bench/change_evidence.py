@@ -31,9 +31,7 @@ def round_samples(responses: list[dict], instruction_hash: str, round: int) -> l
     for r in responses:
         if (r["instruction_hash"] == instruction_hash and r["round"] == round
                 and r["phase"] in ("enhance", "candidate")):
-            picked[(r["query_id"], r["sample"])] = Scored(
-                query_id=r["query_id"], text=r["text"], f=r["f"], log_qphi=r["log_qphi"], probs={},
-                round=round, sample=r["sample"], instruction_hash=instruction_hash)
+            picked[(r["query_id"], r["sample"])] = Scored.from_record(r)
     return list(picked.values())
 
 

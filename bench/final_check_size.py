@@ -47,9 +47,7 @@ def load(run_dir: Path, summary: Path):
             continue
         for arm, h in hashes.items():
             if r["instruction_hash"] == h:
-                samples[arm][r["query_id"]][r["sample"]] = Scored(
-                    query_id=r["query_id"], text=r["text"], f=r["f"], log_qphi=r["log_qphi"],
-                    probs={}, round=0, sample=r["sample"], instruction_hash=h)
+                samples[arm][r["query_id"]][r["sample"]] = Scored.from_record(r)
     methods = json.loads(summary.read_text())["methods"]
     held_out = {"bare": methods["Q"]["mean"], "seed": methods["Q+IF"]["mean"],
                 "eT": methods["PICACO"]["mean"]}

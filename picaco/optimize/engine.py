@@ -512,20 +512,6 @@ class Engine:
     def _response_key(self, ihash: str, query_id: str, seed: int) -> str:
         return f"{ihash}|{query_id}|{seed}"
 
-    def _scored(self, r: dict) -> Scored:
-        return Scored(
-            query_id=r["query_id"],
-            text=r["text"],
-            f=r["f"],
-            log_qphi=r["log_qphi"],
-            probs={k: v.get("prob") for k, v in r["scores"].items()},
-            round=r["round"],
-            sample=r["sample"],
-            instruction_hash=r["instruction_hash"],
-            log_conformity=r.get("log_conformity"),
-            ratings={k: v.get("rating") for k, v in r["scores"].items()},
-        )
-
     async def _sample_query(
         self, instruction: str, query: Query, seeds: list[int], *, phase: str, round: int,
         judge: bool = True,
@@ -542,7 +528,7 @@ class Engine:
             self.rundir.append_group("responses.jsonl", records)
             for j, record in zip(missing, records):
                 self.responses[keys[j]] = record
-        return [self._scored(self.responses[k]) for k in keys]
+        return [Scored.from_record(self.responses[k]) for k in keys]
 
     async def _sample_missing(self, instruction: str, ihash: str, query: Query, keys: list[str],
                               seeds: list[int], missing: list[int], *, phase: str, round: int,

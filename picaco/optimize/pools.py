@@ -42,6 +42,22 @@ class Scored:
             "instruction_hash": self.instruction_hash,
         }
 
+    @classmethod
+    def from_record(cls, r: dict) -> "Scored":
+        """A response record of a run directory's responses.jsonl."""
+        return cls(
+            query_id=r["query_id"],
+            text=r["text"],
+            f=r["f"],
+            log_qphi=r["log_qphi"],
+            probs={k: v.get("prob") for k, v in r["scores"].items()},
+            round=r["round"],
+            sample=r["sample"],
+            instruction_hash=r["instruction_hash"],
+            log_conformity=r.get("log_conformity"),
+            ratings={k: v.get("rating") for k, v in r["scores"].items()},
+        )
+
 
 def _same_text_key(text: str) -> str:
     # "Identical texts" ignores only surrounding whitespace: any other difference is a real variant.
