@@ -147,6 +147,53 @@ class JudgeConfig(RoleConfig):
 OPTIMIZER_DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
+class ExampleTurn(BaseModel):
+    """One fixed example exchange the deployed model is shown before every query (`prior_turns`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1)
+    assistant: str = Field(min_length=1)
+
+    @field_validator("user", "assistant")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+#: example turns are a few KB; a bigger file is the wrong file
+MAX_TURNS_BYTES = 1_000_000
+
+
+def _turns_from_jsonl(path: Path) -> list[dict]:
+    """Example turns from a JSONL file: one {"user": ..., "assistant": ...} object a line."""
+    try:
+        if not path.is_file():
+            raise ValueError(f"not a method with example turns (URIAL) nor a file: {path}")
+        if path.stat().st_size > MAX_TURNS_BYTES:
+            raise ValueError(f"{path}: too large for example turns (limit {MAX_TURNS_BYTES:,} bytes)")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n}: expected an object with 'user' and 'assistant'")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no example turns in it")
+    return rows
+
+
 def _default_optimizer() -> RoleConfig:
     return RoleConfig(model=OPTIMIZER_DEFAULT_MODEL)
 
@@ -175,6 +222,10 @@ class RunConfig(BaseModel):
     #: a fixed system prompt around the optimized instruction, with one `{instruction}` slot: the
     #: target always gets it filled (an empty slot for the bare model); only the slot is optimized
     system_template: str | None = None
+    #: fixed example exchanges the target always sees after the system prompt, before the query
+    #: (a few-shot deployment): "URIAL" (its three examples), a JSONL file of {"user", "assistant"}
+    #: lines, or a list of such pairs; stored resolved, so a run records the turns themselves
+    prior_turns: list[ExampleTurn] | None = None
     #: continue from an earlier run directory or an instruction text file
     init_from: Path | None = None
     max_calls: int | None = Field(default=None, ge=1)
@@ -201,6 +252,25 @@ class RunConfig(BaseModel):
             return seedable_name(v)
         except ConfigError as e:  # pydantic wants ValueError; the message stays one line
             raise ValueError(str(e)) from None
+
+    @field_validator("prior_turns", mode="before")
+    @classmethod
+    def _resolve_turns(cls, v: Any) -> Any:
+        if v is None or isinstance(v, list):
+            return v or None
+        if not isinstance(v, (str, Path)):
+            raise ValueError('give "URIAL", a JSONL file of {"user", "assistant"} lines, or a list of such pairs')
+        if str(v).strip().upper() == "URIAL":
+            from picaco.baselines.urial import URIAL_EXAMPLES
+
+            return [{"user": u, "assistant": a} for u, a in URIAL_EXAMPLES]
+        return _turns_from_jsonl(Path(v).expanduser())
+
+    def turns(self):
+        """The prior turns as alternating user/assistant messages (empty when there are none)."""
+        from picaco.llm.base import turns_from_pairs
+
+        return turns_from_pairs((t.user, t.assistant) for t in self.prior_turns or ())
 
     @field_validator("system_template")
     @classmethod

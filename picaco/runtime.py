@@ -16,8 +16,8 @@ from picaco.llm.base import Backend
 from picaco.llm.cache import CallCache
 from picaco.llm.client import LLMClient
 
-#: roles whose requests get the config's `system_template`: the target, and the proxy that scores
-#: likelihoods in its place; the optimizer and the judges see plain prompts
+#: roles whose requests get the config's `system_template` and `prior_turns`: the target, and the
+#: proxy that scores likelihoods in its place; the optimizer and the judges see plain prompts
 TEMPLATED_ROLES = ("target", "proxy")
 
 
@@ -98,6 +98,7 @@ class Runtime:
                 max_concurrency=cfg.max_in_flight,
                 # the models that stand for the deployed one answer inside the fixed template
                 system_template=self.config.system_template if role in TEMPLATED_ROLES else None,
+                prior_turns=self.config.turns() if role in TEMPLATED_ROLES else (),
             )
         return self._clients[role]
 

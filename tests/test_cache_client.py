@@ -174,3 +174,33 @@ async def test_a_templated_client_sends_framed_prompts_and_keys_the_cache_by_the
     # identity: unchanged without a template (old run directories still resume), marked with one
     assert plain.identity() == backend.identity()
     assert templated.identity() == {**backend.identity(), "system_template": TEMPLATE}
+
+
+async def test_prior_turns_go_after_the_system_prompt_and_key_the_cache(tmp_path):
+    from picaco.llm.base import Message, turns_as_pairs, turns_from_pairs
+
+    turns = turns_from_pairs([("Is the museum open on Monday?", "No, it opens Tuesday to Sunday.")])
+    assert turns_as_pairs(turns) == [{"user": "Is the museum open on Monday?",
+                                      "assistant": "No, it opens Tuesday to Sunday."}]
+    cache = CallCache(tmp_path / "c.sqlite")
+    seen = []
+    backend = FakeBackend(responder=lambda request: seen.append(request.messages) or f"ok {len(seen)}")
+    plain = LLMClient("target", backend, cache=cache)
+    shown = LLMClient("target", backend, cache=cache, prior_turns=turns)
+    both = LLMClient("target", backend, cache=cache, prior_turns=turns, system_template=TEMPLATE)
+    msgs = chat("Be kind.", "Where are the maps?")
+    await plain.generate(msgs, seed=1)
+    await shown.generate(msgs, seed=1)
+    await shown.generate(chat(None, "Where are the maps?"), seed=1)  # the bare model
+    await both.generate(msgs, seed=1)
+    assert seen[0] == msgs
+    assert seen[1] == (msgs[0], *turns, msgs[1])
+    assert seen[2] == (*turns, Message("user", "Where are the maps?"))  # no system message for the bare model
+    assert seen[3][0].content.startswith("You are the help desk") and seen[3][1:] == (*turns, msgs[1])
+    assert len({r.text for r in [*(await shown.generate(msgs, seed=1))]}) == 1 and len(seen) == 4  # cached
+    scored = []
+    backend.scorer = lambda messages, response: scored.append(messages) or [-1.0]
+    await shown.loglikelihood([LikelihoodRequest(msgs, "Upstairs.")])
+    assert scored[0] == seen[1]  # likelihoods are scored in the same deployment
+    assert shown.identity() == {**backend.identity(), "prior_turns": turns_as_pairs(turns)}
+    assert plain.identity() == backend.identity()

@@ -61,6 +61,11 @@ def test_overrides_use_dotted_paths():
         ("seed_from: OPRO", "OPRO is not a single system prompt"),
         ("seed_from: Shakespeare", "unknown method 'Shakespeare'"),
         ("seed_from: Q+IF\nseed_instruction: Be kind.", "give seed_instruction or seed_from, not both"),
+        ("prior_turns: no-such-turns.jsonl", "prior_turns: not a method with example turns (URIAL) nor a file"),
+        ("prior_turns: [{user: Hi}]", "prior_turns.0.assistant"),
+        ("prior_turns: [{user: Hi, assistant: '  '}]", "must not be blank"),
+        ("prior_turns: [{user: Hi, assistant: Hello, system: x}]", "prior_turns.0.system"),
+        ("prior_turns: 3", "prior_turns"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path, text, needle):
@@ -86,6 +91,30 @@ def test_seed_from_names_a_baselines_prompt_resolved_for_the_value_set():
     assert load_config(None, {"seed_instruction": "Be kind."}).seed_text(vs) == "Be kind."
     assert load_config(None, {}).seed_text(vs) is None  # the optimizer's default seed
 
+
+
+def test_prior_turns_come_from_urial_a_jsonl_file_or_the_config_and_are_stored_resolved(tmp_path, monkeypatch):
+    from picaco.baselines.urial import URIAL_EXAMPLES, example_turns
+
+    urial = load_config(None, {"prior_turns": "urial"})
+    assert [(t.user, t.assistant) for t in urial.prior_turns] == list(URIAL_EXAMPLES)
+    assert urial.turns() == example_turns()  # the same messages the URIAL baseline sends
+    # the stored config holds the turns themselves, so a run records what its target was shown
+    assert urial.public_dict()["prior_turns"][0]["user"] == URIAL_EXAMPLES[0][0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "turns.jsonl").write_text(
+        '{"user": "Can I return shoes?", "assistant": "Yes, within 30 days."}\n\n'
+        '{"user": "Do you ship abroad?", "assistant": "To the EU only."}\n')
+    from_file = load_config(None, {"prior_turns": "turns.jsonl"})
+    assert [m.role for m in from_file.turns()] == ["user", "assistant", "user", "assistant"]
+    assert from_file.turns()[3].content == "To the EU only."
+    assert load_config(None, {}).turns() == () and load_config(None, {"prior_turns": []}).prior_turns is None
+    for text, needle in [("not json\n", "bad.jsonl line 1: not JSON"), ('["a", "b"]\n', "expected an object"),
+                         ("\n", "no example turns in it"), ('{"user": "Hi"}\n', "prior_turns.0.assistant")]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(ConfigError, match=needle) as e:
+            load_config(None, {"prior_turns": "bad.jsonl"})
+        assert "\n" not in str(e.value)
 
 
 def test_missing_and_binary_config(tmp_path):

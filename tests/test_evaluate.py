@@ -457,6 +457,56 @@ def test_a_system_template_frames_every_method_and_must_match_the_runs(tmp_path)
     assert run(plain, {"picaco": run_dir}, "eval-plain")  # same (no) template: fine
 
 
+def test_prior_turns_go_to_every_method_and_must_match_the_runs(tmp_path):
+    from picaco.errors import ConfigError
+    from picaco.llm.base import turns_as_pairs
+
+    pairs = [{"user": "Is the museum open on Monday?", "assistant": "No: Tuesday to Sunday, 10 to 6."}]
+    roles = dict(
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    config = RunConfig(values="helpfulness-4", preset="tiny", prior_turns=pairs, **roles)
+    value_set = load_value_set("helpfulness-4")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
+    (run_dir / "provenance.json").write_text(json.dumps({"prior_turns": pairs}))
+
+    def run(cfg, methods, instructions, out):
+        rt = Runtime(cfg, use_cache=False)
+        backend = rt.client("target").backend
+        sent = []
+        backend.responder = lambda request: sent.append(request.messages) or "a fine answer"
+        try:
+            asyncio.run(evaluate_config(cfg, methods, instructions, out_dir=tmp_path / out, n_queries=2,
+                                        n_boot=50, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), value_set)))
+        finally:
+            asyncio.run(rt.aclose())
+        return sent
+
+    sent = run(config, ["Q", "Q+IF"], {"picaco": run_dir}, "eval")
+    assert len(sent) == 6
+    for messages in sent:  # every method's request shows the example exchange just before the query
+        assert turns_as_pairs(messages[-3:-1]) == pairs and messages[-1].role == "user"
+    assert sum(m[0].role == "system" for m in sent) == 4  # Q (the bare deployment) has no system prompt
+    # URIAL brings its own examples: refused rather than shown two sets
+    with pytest.raises(ConfigError, match="URIAL brings its own example turns"):
+        run(config, ["URIAL"], {}, "eval-urial")
+    # the run's instruction was chosen over these turns: refused with other turns or none
+    other = config.model_copy(update={"prior_turns": RunConfig(prior_turns="URIAL").prior_turns})
+    plain = config.model_copy(update={"prior_turns": None})
+    with pytest.raises(ConfigError, match="was optimized over 1 example turns"):
+        run(other, [], {"picaco": run_dir}, "eval-other")
+    with pytest.raises(ConfigError, match="was optimized over 1 example turns"):
+        run(plain, [], {"picaco": run_dir}, "eval-plain")
+    (run_dir / "provenance.json").write_text(json.dumps({}))
+    with pytest.raises(ConfigError, match="was optimized without example turns"):
+        run(config, [], {"picaco": run_dir}, "eval-none")
+    assert run(plain, ["URIAL"], {"picaco": run_dir}, "eval-plain")  # no turns on either side: fine
+
+
 # -- the real path: SmolLM2 behind a real llama.cpp server, MiniLM for q_φ ---------------------------
 
 

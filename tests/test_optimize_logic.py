@@ -1774,6 +1774,40 @@ def test_replace_alpha_keeps_the_incumbent_unless_the_best_candidate_has_evidenc
     assert fingerprint_params(FINAL_CHECK_PARAMS.model_copy(update={"replace_alpha": 0.2}))["replace_alpha"] == 0.2
 
 
+def test_prior_turns_precede_every_target_request_and_deploy_with_the_instruction(reference, tmp_path):
+    from picaco.llm.base import turns_as_pairs, turns_from_pairs
+
+    pairs = [("Can I bring my bike on the train?", "Yes, outside rush hours, in the marked carriage."),
+             ("Is there wifi on board?", "On intercity trains, yes; log in with your ticket number.")]
+    turns = turns_from_pairs(pairs)
+    s = Setup()
+    s.target = LLMClient("target", s.target_backend, accounting=s.accounting, prior_turns=turns)
+    sent, scored = [], []
+    generate, score = s.target_backend.responder, s.target_backend.scorer
+    s.target_backend.responder = lambda r: sent.append(r.messages) or generate(r)
+    s.target_backend.scorer = lambda messages, response: scored.append(messages) or score(messages, response)
+    result = s.run(tmp_path / "run")
+
+    assert sent and scored
+    for messages in sent + scored:  # sampled or scored, the target saw the examples just before the query
+        assert messages[-5:-1] == turns and messages[-1].role == "user"
+    # the bare model of the noisy pool is the deployment without a system prompt: the examples alone
+    assert any(m[:4] == turns for m in sent)
+    assert any(m[0].content == result.seed_instruction and m[1:5] == turns for m in sent)
+    run = tmp_path / "run"
+    deployed = [json.loads(line) for line in (run / "prior_turns.jsonl").read_text().splitlines()]
+    assert deployed == turns_as_pairs(turns) == [{"user": u, "assistant": a} for u, a in pairs]
+    assert json.loads((run / "provenance.json").read_text())["prior_turns"] == deployed
+    assert not (reference[0] / "prior_turns.jsonl").exists()  # none without turns
+
+    # a run directory made without the turns is not resumed with them
+    shutil.copytree(reference[0], tmp_path / "plain")
+    t = Setup()
+    t.target = LLMClient("target", t.target_backend, accounting=t.accounting, prior_turns=turns)
+    with pytest.raises(ConfigError, match="prior_turns"):
+        t.run(tmp_path / "plain")
+
+
 def test_a_system_template_frames_every_target_request_and_only_the_slot_is_optimized(reference, tmp_path):
     from picaco.llm.base import fill_template
 

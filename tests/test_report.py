@@ -425,8 +425,14 @@ class WordRedundancy:
                 for _, y in items]
 
 
-@pytest.mark.parametrize("template", [None, "You work for <b>ACME</b> </textarea>.\n{instruction}"])
-def test_report_of_a_run_the_engine_made(tmp_path, template):
+@pytest.mark.parametrize("template, pairs", [
+    (None, ()),
+    ("You work for <b>ACME</b> </textarea>.\n{instruction}", ()),
+    (None, [("Is it <i>safe</i>?", "Yes </pre><script>alert(1)</script>")]),
+])
+def test_report_of_a_run_the_engine_made(tmp_path, template, pairs):
+    from picaco.llm.base import turns_from_pairs
+
     def target(request: GenerateRequest) -> str:
         query = request.messages[-1].content
         return INJECTION if query == QUERIES[0].text and "care" in request.messages[0].content else (
@@ -438,7 +444,7 @@ def test_report_of_a_run_the_engine_made(tmp_path, template):
     acc = Accounting()
     kwargs = dict(
         target=LLMClient("target", FakeBackend("fake-target", responder=target), accounting=acc,
-                         system_template=template),
+                         system_template=template, prior_turns=turns_from_pairs(pairs)),
         optimizer=LLMClient("optimizer", FakeBackend("fake-opt", responder=proposer), accounting=acc),
         judge=HashJudge(), redundancy=WordRedundancy(), value_set=VALUES, queries=QUERIES,
         params=PARAMS, run_dir=tmp_path / "engine-run",
@@ -466,6 +472,14 @@ def test_report_of_a_run_the_engine_made(tmp_path, template):
         assert deployed.startswith("You work for &lt;b&gt;ACME&lt;/b&gt;") and "<b>ACME" not in html
     else:
         assert 'id="deployed-prompt"' not in html
+    # with prior turns, the examples to deploy with it are shown, escaped
+    if pairs:
+        shown = re.search(r'<section id="prior-turns">(.*?)</section>', html, re.S).group(1)
+        assert str(escape(pairs[0][0])) in shown and str(escape(pairs[0][1])) in shown
+        assert "<i>safe" not in html and "alert(1)</script>" not in html
+        assert "prior_turns.jsonl" in shown
+    else:
+        assert 'id="prior-turns"' not in html
 
 
 # -- in a real browser ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ the system prompt.
 from __future__ import annotations
 
 from picaco.baselines.base import PromptMethod, value_list
-from picaco.llm.base import Message
+from picaco.llm.base import Message, turns_from_pairs
 
 URIAL_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Answer as helpfully as you can while "
@@ -50,10 +50,7 @@ URIAL_EXAMPLES: tuple[tuple[str, str], ...] = (
 
 
 def example_turns() -> tuple[Message, ...]:
-    turns: list[Message] = []
-    for question, answer in URIAL_EXAMPLES:
-        turns += [Message("user", question), Message("assistant", answer)]
-    return tuple(turns)
+    return turns_from_pairs(URIAL_EXAMPLES)
 
 
 class Urial(PromptMethod):

@@ -32,6 +32,7 @@ from picaco.config import RunConfig
 from picaco.data.queries import Query
 from picaco.errors import ConfigError
 from picaco.evaluate.harness import EvaluationResult, Progress, evaluate
+from picaco.llm.base import turns_as_pairs
 from picaco.runtime import Runtime
 
 
@@ -73,9 +74,10 @@ def provenance_judge(path: str | Path) -> dict | None:
         return None
 
 
-def check_same_template(name: str, path: str | Path, config: RunConfig) -> None:
-    """A run's instruction fills the slot of the system template it was optimized in; evaluated in
-    another template (or none) it would be measured in a deployment it was not made for."""
+def check_same_deployment(name: str, path: str | Path, config: RunConfig) -> None:
+    """A run's instruction fills the slot of the system template it was optimized in, before the prior
+    turns it was optimized over; evaluated in another template or with other turns (or none) it would
+    be measured in a deployment it was not made for."""
     prov = _provenance(path)
     if prov is None:
         return
@@ -85,6 +87,22 @@ def check_same_template(name: str, path: str | Path, config: RunConfig) -> None:
         raise ConfigError(
             f"{name}: {path} was optimized {where}; evaluate it with the same `system_template` in the "
             "config (to evaluate its whole deployed prompt as it is, pass its system_prompt.txt instead)"
+        )
+    made_over = prov.get("prior_turns") or []
+    if made_over != turns_as_pairs(config.turns()):
+        where = f"over {len(made_over)} example turns" if made_over else "without example turns"
+        raise ConfigError(
+            f"{name}: {path} was optimized {where}; evaluate it with the same `prior_turns` in the config "
+            "(the run directory's prior_turns.jsonl holds them)"
+        )
+
+
+def check_no_own_turns(method, config: RunConfig, value_set) -> None:
+    """A method that brings its own example turns (URIAL) would be shown two sets under `prior_turns`."""
+    if config.prior_turns and method.prior_turns(value_set):
+        raise ConfigError(
+            f"{method.name} brings its own example turns and the config adds `prior_turns`; leave it out, "
+            "or evaluate its system prompt as an instruction (it then gets the config's turns)"
         )
 
 
@@ -219,7 +237,7 @@ async def evaluate_config(
         for name in order:
             if name in instructions:
                 path = instructions[name]
-                check_same_template(name, path, config)
+                check_same_deployment(name, path, config)
                 against = provenance_judge(path) or optimization_judge_identity()
                 built.append(Instruction.from_path(path, name, optimized_against=against))
             elif canonical_name(name) in ("OPRO", "GEPA"):
@@ -232,6 +250,7 @@ async def evaluate_config(
                 ))
             else:
                 built.append(make_simple(name))
+                check_no_own_turns(built[-1], config, value_set)
         return await evaluate(
             built,
             target=rt.client("target"),

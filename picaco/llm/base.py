@@ -38,12 +38,30 @@ def fill_template(template: str, instruction: str | None) -> str:
     return template.replace(INSTRUCTION_SLOT, (instruction or "").strip()).strip()
 
 
-def frame(messages: tuple[Message, ...], template: str) -> tuple[Message, ...]:
-    """The messages as the deployed model gets them: the system message (or none, the bare model)
-    becomes the template with that text in the slot."""
-    if messages and messages[0].role == "system":
-        return (Message("system", fill_template(template, messages[0].content)), *messages[1:])
-    return (Message("system", fill_template(template, None)), *messages)
+def frame(messages: tuple[Message, ...], template: str | None = None,
+          prior_turns: tuple[Message, ...] = ()) -> tuple[Message, ...]:
+    """The messages as the deployed model gets them. With a template, the system message (or none,
+    the bare model) becomes the template with that text in the slot; fixed prior turns (example
+    exchanges the deployment always shows) go after the system message, before the conversation."""
+    has_system = bool(messages) and messages[0].role == "system"
+    head, rest = (messages[:1], messages[1:]) if has_system else ((), messages)
+    if template is not None:
+        head = (Message("system", fill_template(template, head[0].content if head else None)),)
+    return (*head, *prior_turns, *rest)
+
+
+def turns_as_pairs(turns: tuple[Message, ...]) -> list[dict[str, str]]:
+    """Alternating user/assistant messages as {"user", "assistant"} pairs (the form a config and
+    a run directory's prior_turns.jsonl hold them in)."""
+    return [{"user": u.content, "assistant": a.content} for u, a in zip(turns[::2], turns[1::2])]
+
+
+def turns_from_pairs(pairs) -> tuple[Message, ...]:
+    """(user, assistant) text pairs as alternating messages."""
+    turns: list[Message] = []
+    for user, assistant in pairs:
+        turns += [Message("user", user), Message("assistant", assistant)]
+    return tuple(turns)
 
 
 @dataclass(frozen=True)

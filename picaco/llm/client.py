@@ -21,6 +21,7 @@ from picaco.llm.base import (
     LikelihoodRequest,
     Message,
     frame,
+    turns_as_pairs,
 )
 from picaco.llm.cache import CallCache, cache_key
 
@@ -43,12 +44,16 @@ class LLMClient:
         budget: Budget | None = None,
         max_concurrency: int = 64,
         system_template: str | None = None,
+        prior_turns: tuple[Message, ...] = (),
     ):
         self.role = role
         self.backend = backend
         #: a fixed system prompt around the instruction (`system_template` in a config); every
         #: request of this role is sent framed by it, so the cache keys the framed text
         self.system_template = system_template
+        #: fixed example exchanges (`prior_turns` in a config) every request of this role is sent
+        #: with, after the system message; the cache keys them too
+        self.prior_turns = tuple(prior_turns)
         self.cache = cache
         self.accounting = accounting if accounting is not None else Accounting()
         self.budget = budget
@@ -77,13 +82,22 @@ class LLMClient:
         self._probed = True
 
     def identity(self) -> dict:
-        """The backend's identity, plus the system template when there is one (so a run or an
-        evaluation made with another template does not resume from this one's records)."""
-        ident = self.backend.identity()
-        return {**ident, "system_template": self.system_template} if self.system_template else ident
+        """The backend's identity, plus the system template and prior turns when there are some (so a
+        run or an evaluation made in another deployment does not resume from this one's records)."""
+        ident = dict(self.backend.identity())
+        if self.system_template:
+            ident["system_template"] = self.system_template
+        if self.prior_turns:
+            ident["prior_turns"] = turns_as_pairs(self.prior_turns)
+        return ident
+
+    @property
+    def frames(self) -> bool:
+        """Whether requests are sent inside a fixed deployment (a system template, prior turns)."""
+        return bool(self.system_template or self.prior_turns)
 
     def _framed(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
-        return frame(messages, self.system_template) if self.system_template else messages
+        return frame(messages, self.system_template, self.prior_turns) if self.frames else messages
 
     def has(self, capability: str) -> bool:
         return bool(getattr(self.backend.capabilities, capability))
@@ -128,7 +142,7 @@ class LLMClient:
         return list(await asyncio.gather(*(self.generate_one(r) for r in requests)))
 
     async def generate_one(self, request: GenerateRequest) -> Completion:
-        if self.system_template:
+        if self.frames:
             request = dataclasses.replace(request, messages=self._framed(request.messages))
         key = cache_key(self.backend.identity(), "generate", request.key_payload())
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
@@ -162,7 +176,7 @@ class LLMClient:
         """Log-likelihoods of given responses; cached per request, misses sent as one batch."""
         await self.probe()
         self.require("continuation_logprobs")
-        if self.system_template:
+        if self.frames:
             requests = [dataclasses.replace(r, messages=self._framed(r.messages)) for r in requests]
         identity = self.backend.identity()
         keys = [cache_key(identity, "loglikelihood", r.key_payload()) for r in requests]

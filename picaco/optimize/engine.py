@@ -32,7 +32,7 @@ from picaco import objective
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError
 from picaco.llm.accounting import Accounting, Budget
-from picaco.llm.base import chat, fill_template
+from picaco.llm.base import chat, fill_template, turns_as_pairs
 from picaco.machine import machine_info, mixed_machines_warning
 from picaco.optimize import proposer
 from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
@@ -1109,6 +1109,12 @@ class Engine:
             # what to deploy: the fixed template with the optimized instruction in its slot
             provenance["system_template"] = template
             self.rundir.write_text("system_prompt.txt", fill_template(template, result.instruction) + "\n")
+        turns = getattr(self.target, "prior_turns", ())
+        if turns:
+            # the instruction was chosen for a model that also sees these exchanges: they deploy with it
+            provenance["prior_turns"] = turns_as_pairs(turns)
+            self.rundir.write_text("prior_turns.jsonl", "".join(
+                json.dumps(pair, ensure_ascii=False) + "\n" for pair in provenance["prior_turns"]))
         self.rundir.write_json("provenance.json", provenance)
         self.rundir.write_json("result.json", result.to_json())
         self._event("end", stop_reason=result.stop_reason, instruction_hash=instruction_hash(

@@ -15,6 +15,7 @@ Layout::
     result.json        written when the run ends (also after a budget stop)
     instruction.txt    the optimized system prompt, plain text
     system_prompt.txt  with a `system_template` only: the template with instruction.txt in its slot
+    prior_turns.jsonl  with `prior_turns` only: the example exchanges to send after the system prompt
     provenance.json    where it came from: values, models, judge, config hash, seed vs final scores
     previous/N/        the outputs of a finished run before its Nth `--refinish` (nothing is deleted)
 

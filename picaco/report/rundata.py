@@ -97,6 +97,12 @@ class RunData:
         return target.get("system_template")
 
     @property
+    def prior_turns(self) -> list[dict]:
+        """The example exchanges the instruction was optimized over (`prior_turns`), if any."""
+        target = (self.config.get("fingerprint") or {}).get("target") or {}
+        return list(target.get("prior_turns") or [])
+
+    @property
     def deployed_prompt(self) -> str | None:
         """What to deploy when there is a template: the template with the instruction in its slot."""
         template = self.system_template
