@@ -57,6 +57,22 @@ def test_a_file_that_is_not_a_gguf_fails_on_first_use(tmp_path: Path):
         backend.generate_sync(GenerateRequest(chat(None, "hi"), max_tokens=1))
 
 
+def test_a_runtime_with_amx_kernels_is_refused_before_it_can_crash(monkeypatch):
+    from picaco.llm.embedded import ALLOW_AMX_ENV, check_runtime_build
+
+    native = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | OPENMP = 1 | "
+    monkeypatch.delenv(ALLOW_AMX_ENV, raising=False)
+    with pytest.raises(ConfigError, match="compiled with AMX kernels.*PICACO_ALLOW_AMX=1") as e:
+        check_runtime_build(native)
+    assert "\n" not in str(e.value)
+    check_runtime_build(native.replace("AMX_INT8 = 1", "AMX_INT8 = 0"))
+    check_runtime_build("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | ")
+    monkeypatch.setenv(ALLOW_AMX_ENV, "1")
+    check_runtime_build(native)  # the user's choice to try it
+    monkeypatch.delenv(ALLOW_AMX_ENV)
+    check_runtime_build()  # the runtime `make install` built passes
+
+
 def test_first_stop_finds_the_earliest_stop():
     assert _first_stop(b"abc END x STOP", [b"STOP", b"END"], 0) == 4
     assert _first_stop(b"abc", [b"x"], 0) is None

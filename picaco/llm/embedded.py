@@ -90,6 +90,29 @@ from picaco.llm.base import (  # noqa: E402
 
 _ROW_BLOCK = 32  # rows per log-softmax block: bounds the temporary to 32 x vocab floats
 
+#: set to 1 to load models with a llama.cpp runtime that has AMX kernels anyway
+ALLOW_AMX_ENV = "PICACO_ALLOW_AMX"
+
+
+def check_runtime_build(system_info: str | None = None) -> None:
+    """Refuse a llama.cpp runtime compiled with AMX kernels: they kill the process with a segfault on
+    Sapphire Rapids Xeons (in ggml_backend_amx_mul_mat, llama.cpp issue 20824; seen on the dev
+    machine's first decode), which would lose the work in flight with no message. `make install`
+    builds the runtime for AVX2; this catches one installed otherwise (pip's default is the building
+    CPU's own instruction set)."""
+    if system_info is None:
+        import llama_cpp
+
+        raw = llama_cpp.llama_print_system_info()
+        system_info = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if "AMX_INT8 = 1" in system_info and os.environ.get(ALLOW_AMX_ENV) != "1":
+        raise ConfigError(
+            "this llama-cpp-python was compiled with AMX kernels, which crash on some Intel Xeons "
+            "(llama.cpp issue 20824); rebuild it without them (`make install` does, or: "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir llama-cpp-python), '
+            f"or set {ALLOW_AMX_ENV}=1 to try it anyway"
+        )
+
 
 class _TurnLock:
     """A lock that goes to the waiting caller with the lowest number: first asked, first served.
@@ -190,6 +213,7 @@ class _Runner:
     ):
         from llama_cpp import Llama, llama_chat_format
 
+        check_runtime_build()
         try:
             self.llm = Llama(
                 model_path=str(path),
