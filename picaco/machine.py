@@ -67,11 +67,15 @@ def describe_machine(info: dict | None) -> str:
 
 def same_build(a: dict | None, b: dict | None) -> bool:
     """Whether two machines give an embedded model the same sampled answers as far as we can tell:
-    the same CPU model, architecture and llama-cpp-python version (a missing record counts as same)."""
+    the same CPU model, architecture and llama-cpp-python version, and, where both recorded it, the
+    instruction set llama.cpp was compiled for (one CPU gives other answers with a native build than
+    with the AVX2 one `make install` makes). A missing record counts as same."""
     if not a or not b:
         return True
     fields = ("cpu", "arch", "llama_cpp_python")
-    return all(a.get(f) == b.get(f) for f in fields)
+    same_system = (not a.get("llama_cpp_system") or not b.get("llama_cpp_system")
+                   or a["llama_cpp_system"] == b["llama_cpp_system"])
+    return same_system and all(a.get(f) == b.get(f) for f in fields)
 
 
 def mixed_machines_warning(machines: list[dict], what: str) -> str | None:

@@ -281,6 +281,12 @@ def test_a_machine_is_described_in_one_line():
         "AMD EPYC 7B13 (x86_64, 2 cores); Linux-6.1-x86_64; Python 3.11.9; llama-cpp-python 0.3.16")
     assert describe_machine({**info, "llama_cpp_python": None}).endswith("Python 3.11.9")
     assert describe_machine(None) == describe_machine({}) == ""
+    from picaco.machine import same_build
+
+    native = {**info, "llama_cpp_system": "AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1"}
+    assert same_build(info, info) and not same_build(info, native)  # one CPU, two builds
+    assert same_build(info, {k: v for k, v in info.items() if k != "llama_cpp_system"})  # not recorded
+    assert not same_build(info, {**info, "cpu": "Intel(R) Xeon(R) Processor"})
 
 
 def test_more_samples_extend_existing_rows(tmp_path):
