@@ -412,36 +412,47 @@ def test_seed_from_is_picacos_starting_instruction(tmp_path):
     assert json.loads((tmp_path / "run" / "provenance.json").read_text())["seed_instruction"] == expected
 
 
+def _deployment_setup(tmp_path, **deployment):
+    """A fake-model config with a deployment (`system_template=`, `prior_turns=`), the value set, and
+    a run directory whose instruction was optimized in that deployment (its provenance says so)."""
+    roles = dict(
+        target=RoleConfig(backend="fake", model="fake-target"),
+        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
+        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
+    )
+    config = RunConfig(values="helpfulness-4", preset="tiny", **deployment, **roles)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
+    (run_dir / "accounting.json").write_text(json.dumps({"total": {"calls": 60, "cache_hits": 0}}))
+    (run_dir / "provenance.json").write_text(json.dumps(deployment))
+    return config, load_value_set("helpfulness-4"), run_dir
+
+
+def _messages_sent(cfg, methods, instructions, out_dir, value_set) -> list:
+    """Evaluate on 2 queries with a fake target; the messages every target request carried."""
+    rt = Runtime(cfg, use_cache=False)
+    backend = rt.client("target").backend
+    sent = []
+    backend.responder = lambda request: sent.append(request.messages) or "a fine answer"
+    try:
+        asyncio.run(evaluate_config(cfg, methods, instructions, out_dir=out_dir, n_queries=2,
+                                    n_boot=50, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), value_set)))
+    finally:
+        asyncio.run(rt.aclose())
+    return sent
+
+
 def test_a_system_template_frames_every_method_and_must_match_the_runs(tmp_path):
     from picaco.baselines import ValuesInstruction
     from picaco.errors import ConfigError
     from picaco.llm.base import fill_template
 
     template = "You answer for the city museum.\n{instruction}"
-    roles = dict(
-        target=RoleConfig(backend="fake", model="fake-target"),
-        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
-        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
-    )
-    config = RunConfig(values="helpfulness-4", preset="tiny", system_template=template, **roles)
-    value_set = load_value_set("helpfulness-4")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
-    (run_dir / "accounting.json").write_text(json.dumps({"total": {"calls": 60, "cache_hits": 0}}))
-    (run_dir / "provenance.json").write_text(json.dumps({"system_template": template}))
+    config, value_set, run_dir = _deployment_setup(tmp_path, system_template=template)
 
     def run(cfg, instructions, out):
-        rt = Runtime(cfg, use_cache=False)
-        backend = rt.client("target").backend
-        sent = []
-        backend.responder = lambda request: sent.append(request.messages) or "a fine answer"
-        try:
-            asyncio.run(evaluate_config(cfg, ["Q", "Q+IF"], instructions, out_dir=tmp_path / out, n_queries=2,
-                                        n_boot=50, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), value_set)))
-        finally:
-            asyncio.run(rt.aclose())
-        return sent
+        return _messages_sent(cfg, ["Q", "Q+IF"], instructions, tmp_path / out, value_set)
 
     sent = run(config, {"picaco": run_dir}, "eval")
     systems = {messages[0].content for messages in sent}
@@ -468,29 +479,10 @@ def test_prior_turns_go_to_every_method_and_must_match_the_runs(tmp_path):
     from picaco.llm.base import turns_as_pairs
 
     pairs = [{"user": "Is the museum open on Monday?", "assistant": "No: Tuesday to Sunday, 10 to 6."}]
-    roles = dict(
-        target=RoleConfig(backend="fake", model="fake-target"),
-        optimizer=RoleConfig(backend="fake", model="fake-optimizer"),
-        judge=JudgeConfig(type="llm", backend="fake", model="fake-judge"),
-    )
-    config = RunConfig(values="helpfulness-4", preset="tiny", prior_turns=pairs, **roles)
-    value_set = load_value_set("helpfulness-4")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "instruction.txt").write_text("Be relevant, accurate, deep and clear.\n")
-    (run_dir / "provenance.json").write_text(json.dumps({"prior_turns": pairs}))
+    config, value_set, run_dir = _deployment_setup(tmp_path, prior_turns=pairs)
 
     def run(cfg, methods, instructions, out):
-        rt = Runtime(cfg, use_cache=False)
-        backend = rt.client("target").backend
-        sent = []
-        backend.responder = lambda request: sent.append(request.messages) or "a fine answer"
-        try:
-            asyncio.run(evaluate_config(cfg, methods, instructions, out_dir=tmp_path / out, n_queries=2,
-                                        n_boot=50, runtime=rt, redundancy=RedundancyModel(WordEmbedder(), value_set)))
-        finally:
-            asyncio.run(rt.aclose())
-        return sent
+        return _messages_sent(cfg, methods, instructions, tmp_path / out, value_set)
 
     sent = run(config, ["Q", "Q+IF"], {"picaco": run_dir}, "eval")
     assert len(sent) == 6
