@@ -91,16 +91,19 @@ class RunData:
         return is_no_instruction_result(self.result)
 
     @property
+    def _target_identity(self) -> dict:
+        """The target's identity as the run's fingerprint recorded it (its deployment included)."""
+        return (self.config.get("fingerprint") or {}).get("target") or {}
+
+    @property
     def system_template(self) -> str | None:
         """The fixed system prompt the instruction was optimized in (`system_template`), if any."""
-        target = (self.config.get("fingerprint") or {}).get("target") or {}
-        return target.get("system_template")
+        return self._target_identity.get("system_template")
 
     @property
     def prior_turns(self) -> list[dict]:
         """The example exchanges the instruction was optimized over (`prior_turns`), if any."""
-        target = (self.config.get("fingerprint") or {}).get("target") or {}
-        return list(target.get("prior_turns") or [])
+        return list(self._target_identity.get("prior_turns") or [])
 
     @property
     def deployed_prompt(self) -> str | None:
