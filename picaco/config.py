@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from picaco.errors import ConfigError, describe_validation_error
+from picaco.errors import ConfigError, DataError, describe_validation_error
 
 BackendKind = Literal["embedded", "openai", "fake"]
 
@@ -178,16 +178,16 @@ def _turns_from_jsonl(path: Path) -> list[dict]:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+    from picaco.data.queries import jsonl_values
+
+    try:
+        values = jsonl_values(path, text)
+    except DataError as e:  # pydantic wants ValueError; the message stays one line
+        raise ValueError(str(e)) from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, row in values:
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {n}: expected an object with 'user' and 'assistant'")
+            raise ValueError(f"{path}:{n}: expected an object with 'user' and 'assistant'")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no example turns in it")

@@ -108,8 +108,12 @@ def test_prior_turns_come_from_urial_a_jsonl_file_or_the_config_and_are_stored_r
     from_file = load_config(None, {"prior_turns": "turns.jsonl"})
     assert [m.role for m in from_file.turns()] == ["user", "assistant", "user", "assistant"]
     assert from_file.turns()[3].content == "To the EU only."
+    # only "\n" ends a JSON Lines record: a raw U+2028 inside a string stays in its turn
+    (tmp_path / "sep.jsonl").write_text('{"user": "Hours?", "assistant": "9 to 5\u2028Mon to Fri"}\n',
+                                        encoding="utf-8")
+    assert load_config(None, {"prior_turns": "sep.jsonl"}).turns()[1].content == "9 to 5\u2028Mon to Fri"
     assert load_config(None, {}).turns() == () and load_config(None, {"prior_turns": []}).prior_turns is None
-    for text, needle in [("not json\n", "bad.jsonl line 1: not JSON"), ('["a", "b"]\n', "expected an object"),
+    for text, needle in [("not json\n", "bad.jsonl:1: invalid JSON"), ('["a", "b"]\n', "expected an object"),
                          ("\n", "no example turns in it"), ('{"user": "Hi"}\n', "prior_turns.0.assistant")]:
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(ConfigError, match=needle) as e:

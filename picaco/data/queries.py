@@ -66,8 +66,10 @@ def _resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def _rows_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
+def jsonl_values(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSON Lines text; a line that is too
+    long or not JSON is a DataError naming the file and line. Also read by `prior_turns` files."""
+    values = []
     # Only "\n" ends a JSON Lines record: str.splitlines() would also split at U+2028, U+0085, \x0c ...
     # which JSON allows raw inside strings.
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -76,11 +78,17 @@ def _rows_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
         if len(line) > _MAX_LINE_CHARS:
             raise DataError(f"{path}:{lineno}: line is {len(line):,} characters long (limit {_MAX_LINE_CHARS:,})")
         try:
-            obj = json.loads(line)
+            values.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+    return values
+
+
+def _rows_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for lineno, obj in jsonl_values(path, text):
         if isinstance(obj, str):
             obj = {"text": obj}
         if not isinstance(obj, dict):
