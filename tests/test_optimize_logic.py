@@ -476,6 +476,13 @@ def test_estimate_counts_calls_per_role():
                     judge_calls_per_response=0).roles["target generate"].calls == (
         2 * 2 + 2 * 2 * 2 + 3 * 12 * 1 + 2 * 5 * 2 * 2)
     assert "pre-flight estimate" in est.describe()
+    # a deployment frame (template, prior turns) costs its tokens on every target request only
+    framed = estimate(tiny, n_queries=2, n_values=3, mode="likelihood", judge_calls_per_response=3,
+                      frame_tokens=350)
+    for role in ("target generate", "target likelihood"):
+        assert framed.roles[role].calls == roles[role].calls
+        assert framed.roles[role].tokens == roles[role].tokens + 350 * roles[role].calls
+    assert framed.roles["judge"] == roles["judge"] and framed.roles["optimizer"] == roles["optimizer"]
 
 
 # -- run directory ---------------------------------------------------------------------------------------
@@ -1799,6 +1806,11 @@ def test_prior_turns_precede_every_target_request_and_deploy_with_the_instructio
     assert deployed == turns_as_pairs(turns) == [{"user": u, "assistant": a} for u, a in pairs]
     assert json.loads((run / "provenance.json").read_text())["prior_turns"] == deployed
     assert not (reference[0] / "prior_turns.jsonl").exists()  # none without turns
+    # the pre-flight estimate counts the turns' tokens on every target request
+    framed, plain = (json.loads((d / "provenance.json").read_text())["estimate"]["roles"]["target generate"]
+                     for d in (run, reference[0]))
+    assert framed["calls"] == plain["calls"]
+    assert framed["tokens"] == plain["tokens"] + framed["calls"] * (sum(len(u + a) for u, a in pairs) // 4)
 
     # a run directory made without the turns is not resumed with them
     shutil.copytree(reference[0], tmp_path / "plain")

@@ -96,6 +96,12 @@ class LLMClient:
         """Whether requests are sent inside a fixed deployment (a system template, prior turns)."""
         return bool(self.system_template or self.prior_turns)
 
+    @property
+    def frame_chars(self) -> int:
+        """Characters the deployment frame adds to every request (the template's text and the
+        prior turns), for the pre-flight token estimate."""
+        return len(self.system_template or "") + sum(len(m.content) for m in self.prior_turns)
+
     def _framed(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
         return frame(messages, self.system_template, self.prior_turns) if self.frames else messages
 

@@ -406,6 +406,7 @@ class Engine:
                 judge_calls_per_response=self.judge_calls_per_response(),
                 query_tokens=int(np.mean([len(q.text) for q in self.queries]) // 4) + 1,
                 instruction_tokens=len(self.seed_instruction) // 4 + 1,
+                frame_tokens=self.target.frame_chars // 4,
             )
         return self._estimate
 

@@ -222,17 +222,21 @@ def estimate(
     judge_calls_per_response: int,
     query_tokens: int = 40,
     instruction_tokens: int | None = None,
+    frame_tokens: int = 0,
 ) -> Estimate:
     """Calls and tokens per role, assuming every round runs and no call is answered from the cache.
 
     `judge_calls_per_response` is what the judge needs to score one response on all values
-    (0 for the offline judge, K for a per-value LLM judge).
+    (0 for the offline judge, K for a per-value LLM judge). `frame_tokens` is what a deployment
+    frame (system template, prior turns) adds to every target and proxy request; the judge and the
+    optimizer never see it.
     """
     N, n, T, C = n_queries, params.samples_per_query, params.rounds, params.candidates
     scored = C + params.grounded + 1  # proposals, value-grounded candidates, and the current one
     pool = params.aligned_pool_size + params.noisy_pool_size
     instr = instruction_tokens if instruction_tokens is not None else params.instruction_max_chars // 4
     gen_tokens = instr + query_tokens + params.max_new_tokens
+    target_tokens = gen_tokens + frame_tokens
     bare = N * params.n_bare
     enhance = N * n
     # the end: in sampling mode the final check samples the seed, the last instruction and (with
@@ -246,11 +250,11 @@ def estimate(
     # instruction of the trajectory is scored again on the final pools
     lik_per_round = scored * N * pool if mode in ("likelihood", "proxy") else 0
     lik_final = (T + 1) * N * pool if mode in ("likelihood", "proxy") else 0
-    lik_tokens = instr + query_tokens + params.max_new_tokens
+    lik_tokens = target_tokens
     judged = T * enhance + report + T * sampling_per_round
     meta_tokens = 600 + 2 * params.instruction_max_chars // 4
     roles = {
-        "target generate": RoleEstimate(target_gen, target_gen * gen_tokens),
+        "target generate": RoleEstimate(target_gen, target_gen * target_tokens),
         "optimizer": RoleEstimate(T * C, T * C * (meta_tokens + params.optimizer_max_tokens)),
         "judge": RoleEstimate(
             judged * judge_calls_per_response,
