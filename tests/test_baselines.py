@@ -305,6 +305,22 @@ def test_opro_budget_too_small_and_persisted_result(tmp_path):
     assert again.describe(VALUES)["provenance"]["spent"] == method.result.spent
 
 
+def test_an_interrupted_opro_search_replays_a_seed_holding_unicode_line_separators(tmp_path):
+    # the trajectory keeps text unescaped: U+2028 and NEL in a user's seed instruction must not split
+    # its JSON lines on replay (the optimizer's proposals are cleaned to plain newlines)
+    seed = "Be helpful.\u2028Be careful.\x85Be brief."
+    method, target, _, _ = _opro_setup(12, state_dir=tmp_path / "opro")
+    method.seed_instruction = seed
+    asyncio.run(method.prepare(target, VALUES))
+    assert "\u2028" in (tmp_path / "opro" / "trajectory.jsonl").read_text()
+    (tmp_path / "opro" / "result.json").unlink()  # as if killed before the search ended
+    again, target2, acct2, rec2 = _opro_setup(12, state_dir=tmp_path / "opro")
+    again.seed_instruction = seed
+    asyncio.run(again.prepare(target2, VALUES))
+    assert again.result.to_json() == method.result.to_json()
+    assert target2.backend.generate_calls == 0  # every score came back from the trajectory
+
+
 def test_budget_from_run_counts_calls_and_hits(tmp_path):
     (tmp_path / "accounting.json").write_text(json.dumps({"total": {"calls": 120, "cache_hits": 30}}))
     assert budget_from_run(tmp_path) == 150

@@ -438,7 +438,8 @@ class _Trajectory:
             same = False
         if same and self.path.exists():
             drop_partial_tail(self.path)
-            self.stored = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()
+            # "\n" only: the entries' text may hold U+2028 and the like (written with ensure_ascii=False)
+            self.stored = [json.loads(line) for line in self.path.read_text(encoding="utf-8").split("\n")
                            if line.strip()]
         else:
             self._truncate(0)
@@ -469,7 +470,7 @@ class _Trajectory:
     def _truncate(self, keep: int) -> None:
         lines = []
         if self.path is not None and self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+            lines = [line + "\n" for line in self.path.read_text(encoding="utf-8").split("\n")[:-1]][:keep]
         _write_atomic(self.path, "".join(lines))
         self.stored = self.stored[:keep]
         self.cursor = keep

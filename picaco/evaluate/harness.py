@@ -41,7 +41,7 @@ from picaco.llm.accounting import Accounting
 from picaco.llm.client import LLMClient
 from picaco.machine import machine_info, mixed_machines_warning
 from picaco.values import ValueSet
-from picaco.optimize.rundir import append_lines, drop_partial_tail, lock_directory, strip_group
+from picaco.optimize.rundir import append_lines, complete_length, drop_partial_tail, lock_directory, strip_group
 
 SAMPLES = "samples.jsonl"
 STATE = "evaluation.json"
@@ -69,11 +69,18 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, *, complete_only: bool = False) -> list[dict]:
+    """The rows of a samples file. `complete_only` skips, without changing the file, what a killed
+    writer left unfinished at its end (the harness cuts it when it resumes)."""
     rows = []
     if not path.exists():
         return rows
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    data = path.read_bytes()
+    if complete_only:
+        data = data[:complete_length(data)]
+    # split on "\n" only: rows are written with ensure_ascii=False, so model text may hold U+2028,
+    # U+0085 and the like, which str.splitlines() would also split on
+    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(strip_group(json.loads(line)))
@@ -396,7 +403,7 @@ def _earlier_processes(out: Path) -> list[dict]:
     path = out / ACCOUNTING
     lines = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -82,14 +82,19 @@ def drop_partial_tail(path: Path) -> None:
     if not path.exists():
         return
     data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1  # 0 when the only line is partial
-    cut = _incomplete_group_start(data[:cut])
+    cut = complete_length(data)
     if cut == len(data):
         return
     with open(path, "r+b") as f:
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
+
+
+def complete_length(data: bytes) -> int:
+    """How much of an append-only file's bytes `drop_partial_tail` keeps: up to the last newline, less
+    a trailing group that lacks its last record (so a reader can skip what a resume will cut)."""
+    return _incomplete_group_start(data[:data.rfind(b"\n") + 1])  # 0 when the only line is partial
 
 
 def _incomplete_group_start(data: bytes) -> int:
@@ -241,6 +246,16 @@ class RunDir:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def describe_state(path: Path | str) -> str:
+    """Where a run directory stands, in words, from its files alone (for a dry run)."""
+    path = Path(path)
+    if (path / "result.json").exists():
+        return f"{path} holds a finished run: running it again does no model call if nothing changed"
+    if (path / "config.json").exists():
+        return f"{path} holds an unfinished run: it resumes, and its recorded work is not paid for again"
+    return f"{path}: a new run"
 
 
 def require_finished(path: Path | str) -> None:
