@@ -67,6 +67,50 @@ def build_redundancy(value_set: ValueSet):
     return RedundancyModel(shared_embedder(), value_set)
 
 
+def _scores_likelihoods(role) -> bool | None:
+    """Whether a role's backend can score a given response's log-likelihood: known from the config
+    for the embedded and fake backends and for an endpoint whose `likelihood` is set; None for an
+    endpoint left on `auto`, which is only known once the server has been probed."""
+    if role.backend != "openai":
+        return True
+    return None if role.likelihood == "auto" else role.likelihood != "none"
+
+
+def expected_modes(config: RunConfig) -> tuple[str, ...]:
+    """The scoring modes a run of `config` can resolve to: one, or ("likelihood", "sampling") when
+    that depends on what the target's endpoint answers (`picaco.optimize.scoring.select_mode` decides
+    for the run itself)."""
+    requested = config.params().mode
+    if requested != "auto":
+        return (requested,)
+    target = _scores_likelihoods(config.target)
+    if target is None:
+        return ("likelihood", "sampling")
+    return ("likelihood",) if target else ("sampling",)
+
+
+def estimate_optimization(config: RunConfig):
+    """The pre-flight estimate of :func:`optimize` without loading a model or writing anything:
+    ({mode: Estimate}, warnings). Two entries when the scoring mode is only known once an endpoint
+    is probed. Bad input fails here exactly as it would in the run."""
+    from picaco.llm.base import frame_chars
+    from picaco.optimize.engine import resolve_seed, select_queries
+    from picaco.optimize.params import estimate_run
+
+    value_set, queries = load_inputs(config, "train")
+    params = config.params()
+    used, _, warnings = select_queries(queries, params)
+    judge_calls = config.judge.calls_per_response(len(value_set.ids))
+    seed, _ = resolve_seed(value_set, config.seed_text(value_set), config.init_from)
+    estimates = {
+        mode: estimate_run(params, query_texts=[q.text for q in used], n_values=len(value_set.ids), mode=mode,
+                           judge_calls_per_response=judge_calls, seed_instruction=seed,
+                           frame_chars=frame_chars(config.system_template, config.turns()))
+        for mode in expected_modes(config)
+    }
+    return estimates, warnings
+
+
 async def optimize_async(
     config: RunConfig,
     *,

@@ -221,6 +221,7 @@ def optimize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="Progress events as JSON lines on stderr, the result as JSON on stdout."),
     refinish: bool = typer.Option(False, "--refinish", help="End a finished run again: keep its rounds, redo the final check and report with this version (old outputs move to RUN_DIR/previous/N/)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the pre-flight estimate; load no model, write nothing."),
 ) -> None:
     """Optimize a meta-instruction (system prompt) for a value set.
 
@@ -229,6 +230,7 @@ def optimize(
       picaco optimize -c picaco.yaml --set optimize.T=5 --max-calls 20000
       picaco optimize -o runs/help            # after a crash: resumes where it stopped
       picaco optimize -o runs/help --refinish # after an upgrade: the final check again, rounds kept
+      picaco optimize -c picaco.yaml --dry-run  # what it would cost, before spending anything
     """
     from picaco import api
     from picaco.optimize.progress import make_progress
@@ -240,6 +242,11 @@ def optimize(
         "optimize.mode": mode, "cache": False if no_cache else None,
     }
     cfg = _config_from_flags(config, overrides, sets)
+    if dry_run:
+        data = _optimization_estimate(cfg, run_dir or cfg.run_dir, None if as_json else out)
+        if as_json:
+            print(json.dumps({"event": "dry_run", "optimize": data}))
+        return
     progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
     result = api.optimize(cfg, run_dir=run_dir, progress=progress, refinish=refinish)
     report_path = _auto_report(result.run_dir)
@@ -250,6 +257,43 @@ def optimize(
         print_result(result)
         if report_path is not None:
             err.print(f"report: {report_path}")
+
+
+def _optimization_estimate(cfg, run_dir: Optional[Path], console: Optional[Console]) -> dict:
+    """A dry run of `optimize`: its pre-flight estimate (two when the scoring mode is only known once
+    the endpoint is probed) and where the run directory stands, printed on `console` when given;
+    returned as JSON."""
+    from picaco import api
+    from picaco.optimize.rundir import describe_state
+
+    estimates, warnings = api.estimate_optimization(cfg)
+    state = describe_state(run_dir) if run_dir is not None else "a new run directory (no --run-dir given)"
+    if console is not None:
+        if len(estimates) > 1:
+            console.print("the scoring mode is chosen when the target's endpoint is probed at the start; "
+                          "one estimate per outcome:", markup=False)
+        for e in estimates.values():
+            console.print(e.describe(), markup=False, highlight=False, soft_wrap=True)
+        for w in warnings:
+            console.print(f"warning: {w}", markup=False)
+        console.print(state, markup=False, highlight=False, soft_wrap=True)
+    return {"estimates": {mode: e.to_json() for mode, e in estimates.items()}, "run_dir": state,
+            "warnings": warnings}
+
+
+def _evaluation_plan(cfg, methods, instructions, *, out_dir: Path, console: Optional[Console], as_json: bool,
+                     **kwargs) -> dict:
+    """The evaluation's pre-flight plan, printed on `console` (or, with `as_json`, as a progress event
+    of kind "plan" on stderr, beside the evaluation's own); returned as JSON."""
+    from picaco.evaluate.plan import evaluation_plan
+    from picaco.optimize.progress import ProgressEvent
+
+    plan = evaluation_plan(cfg, methods, instructions, out_dir=out_dir, **kwargs)
+    if as_json:
+        print(json.dumps(ProgressEvent("plan", data=plan.to_json()).to_json()), file=sys.stderr, flush=True)
+    elif console is not None:
+        console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+    return plan.to_json()
 
 
 def _auto_report(run_dir, compare=None):
@@ -367,21 +411,31 @@ def evaluate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan (calls per method, what is already done); load no model, write nothing."),
 ) -> None:
     """Evaluate instructions and baselines side by side on held-out queries.
 
     Examples:
       picaco evaluate --values helpfulness-4 -m Q -m Q+IF -i picaco=runs/demo -o evals/demo
       picaco evaluate -c picaco.yaml -m URIAL -m MP --set eval_judge.type=llm
+      picaco evaluate -c picaco.yaml -m Modular -o evals/demo --dry-run
     """
     from picaco.evaluate import evaluate_config_sync
+    from picaco.evaluate.run import default_out_dir
 
     cfg = _config_from_flags(config, {"values": values, "cache": False if no_cache else None}, sets)
+    instructions = _parse_instructions(instruction)
+    out_dir = out_dir or default_out_dir(cfg)
+    plan_args = dict(out_dir=out_dir, n_queries=n_queries, samples_per_query=samples)
+    if dry_run:
+        data = _evaluation_plan(cfg, method, instructions, console=None if as_json else out, as_json=False,
+                                **plan_args)
+        if as_json:
+            print(json.dumps({"event": "dry_run", "evaluate": data}))
+        return
+    _evaluation_plan(cfg, method, instructions, console=None if quiet else err, as_json=as_json, **plan_args)
     with _evaluation_progress(quiet, as_json) as progress:
-        result = evaluate_config_sync(
-            cfg, method, _parse_instructions(instruction), out_dir=out_dir, n_queries=n_queries,
-            samples_per_query=samples, progress=progress,
-        )
+        result = evaluate_config_sync(cfg, method, instructions, progress=progress, **plan_args)
     _print_evaluation(result, as_json)
 
 
@@ -397,6 +451,7 @@ def compare(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print PICACO's estimate and the evaluation's plan; load no model, write nothing."),
 ) -> None:
     """Optimize PICACO, then evaluate it against the baselines under the same model, judge and data.
 
@@ -411,18 +466,45 @@ def compare(
     cfg = _config_from_flags(config, {"values": values, "preset": preset,
                                       "cache": False if no_cache else None}, sets)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    instructions: dict[str, Path] = {}
-    if "PICACO" in names:
-        run_dir = out_dir / "picaco-run"
+    run_dir = out_dir / "picaco-run"
+    instructions = {"PICACO": run_dir / "instruction.txt"} if "PICACO" in names else {}
+    plan_args = dict(out_dir=out_dir / "eval", n_queries=n_queries)
+    if dry_run:
+        _compare_dry_run(cfg, names, instructions, run_dir, as_json, plan_args)
+        return
+    if instructions:
         progress = make_progress("json" if as_json else "quiet" if quiet else "rich")
         api.optimize(cfg, run_dir=run_dir, progress=progress)
-        instructions["PICACO"] = run_dir / "instruction.txt"
+    _evaluation_plan(cfg, names, instructions, console=None if quiet else err, as_json=as_json, **plan_args)
     with _evaluation_progress(quiet, as_json) as eval_progress:
-        result = evaluate_config_sync(cfg, names, instructions, out_dir=out_dir / "eval", n_queries=n_queries,
-                                      progress=eval_progress)
+        result = evaluate_config_sync(cfg, names, instructions, progress=eval_progress, **plan_args)
     if "PICACO" in names:
         _auto_report(out_dir / "picaco-run", compare=result.out_dir / "summary.json")
     _print_evaluation(result, as_json)
+
+
+def _compare_dry_run(cfg, names, instructions, run_dir: Path, as_json: bool, plan_args: dict) -> None:
+    """PICACO's estimate, then the evaluation's plan. Until PICACO has run, OPRO's and GEPA's budget
+    (PICACO's spend) is taken from its estimate."""
+    console = None if as_json else out
+    data: dict = {}
+    budget = note = None
+    if instructions:
+        data["optimize"] = _optimization_estimate(cfg, run_dir, console)
+        if not (run_dir / "result.json").exists():  # a finished run's spend is read from it
+            budget = max(e["total_calls"] for e in data["optimize"]["estimates"].values())
+            note = "PICACO's estimate; its spend once it has run"
+    data["evaluate"] = _evaluation_plan(
+        cfg, names, instructions, console=console, as_json=False, search_budget=budget,
+        **({"search_budget_note": note} if note else {}), **plan_args)
+    if "optimize" in data:
+        optimize_calls = max(e["total_calls"] for e in data["optimize"]["estimates"].values())
+        data["total_calls"] = optimize_calls + data["evaluate"]["total_calls"]
+        if console is not None:
+            console.print(f"compare total: about {data['total_calls']:,} model calls (PICACO up to "
+                          f"{optimize_calls:,}, then the evaluation)", markup=False, highlight=False)
+    if as_json:
+        print(json.dumps({"event": "dry_run", **data}))
 
 
 # ---------------------------------------------------------------------------------------------- study

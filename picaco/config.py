@@ -142,6 +142,11 @@ class JudgeConfig(RoleConfig):
     #: one half can be optimized against and the other evaluate; null trains on all of them
     train_half: Literal[0, 1] | None = None
 
+    def calls_per_response(self, n_values: int) -> int:
+        """Model calls to rate one response on every value: none for the offline judge, one per value
+        for an LLM judge (`picaco.judge.llm.LLMJudge`'s default mode)."""
+        return 0 if self.type == "offline" else n_values
+
 
 #: the optimizer writes instructions: the larger embedded model unless a config says otherwise
 OPTIMIZER_DEFAULT_MODEL = "qwen2.5-coder-1.5b"

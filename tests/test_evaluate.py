@@ -17,6 +17,7 @@ from picaco.config import JudgeConfig, RoleConfig, RunConfig
 from picaco.data.queries import Query
 from picaco.errors import ConfigError
 from picaco.evaluate import evaluate
+from picaco.evaluate.harness import read_rows
 from picaco.evaluate.run import evaluate_config
 from picaco.judge.base import ValueScore
 from picaco.llm.base import GenerateRequest
@@ -131,6 +132,8 @@ def test_resume_skips_written_rows_and_redoes_a_partial_one(tmp_path):
     samples = tmp_path / "eval" / "samples.jsonl"
     data = samples.read_bytes()
     samples.write_bytes(data[:-25])  # a kill in the middle of writing the last row
+    # a reader that must not change the file (the pre-flight plan) skips the cut batch on its own
+    assert len(read_rows(samples, complete_only=True)) == 8 and len(samples.read_bytes()) == len(data) - 25
     third = asyncio.run(evaluate(methods(), **kw))
     # the cut row's whole batch (one write) is dropped and redone, so scores never depend on a
     # batch that a kill split
@@ -139,6 +142,18 @@ def test_resume_skips_written_rows_and_redoes_a_partial_one(tmp_path):
     # a new method in the same directory adds only its own rows
     fourth = asyncio.run(evaluate([*methods(), Persona()], **kw))
     assert fourth.new_rows == 4 and set(fourth.summary["methods"]) == {"Q", "Q+IF", "picaco", "MP"}
+
+
+def test_model_text_with_unicode_line_separators_resumes(tmp_path):
+    # rows keep model text unescaped (ensure_ascii=False); U+2028, U+2029 and NEL are line breaks to
+    # str.splitlines() but not to JSON Lines
+    kw, backend = setup(tmp_path)
+    backend.responder = lambda r: "first\u2028second\u2029third\x85fourth " + echo(r)
+    first = asyncio.run(evaluate(methods(), **kw))
+    assert first.new_rows == 12 and "\u2028" in (tmp_path / "eval" / "samples.jsonl").read_text()
+    again = asyncio.run(evaluate(methods(), **kw))
+    assert again.new_rows == 0 and backend.generate_calls == 12
+    assert all(r["response"].startswith("first\u2028second") for r in read_rows(tmp_path / "eval" / "samples.jsonl"))
 
 
 def test_each_process_logs_its_accounting_also_when_an_endpoint_stops_it(tmp_path):
@@ -609,13 +624,15 @@ def test_evaluate_shows_progress_per_method_and_quiet_hides_it(tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     events = [json.loads(line) for line in as_json.stderr.splitlines() if line.startswith("{")]
     progress = [e for e in events if e["kind"] == "evaluate"]
+    plan = [e["data"] for e in events if e["kind"] == "plan"]  # the pre-flight plan, before any progress
+    assert events[0]["kind"] == "plan" and [m["name"] for m in plan[0]["methods"]] == ["Q", "Q+IF"]
     assert {e["phase"] for e in progress} == {"Q", "Q+IF"}
     for method in ("Q", "Q+IF"):
         last = [e for e in progress if e["phase"] == method][-1]
         assert last["done"] == last["total"] == 3
     rich = _cli_evaluate(tmp_path, "--no-cache")
     assert rich.returncode == 0, rich.stderr
-    assert "Q+IF" in rich.stderr and "3/3" in rich.stderr
+    assert "Q+IF" in rich.stderr and "3/3" in rich.stderr and "evaluation plan: 2 method(s)" in rich.stderr
     quiet = _cli_evaluate(tmp_path, "--quiet", "--no-cache")
     assert quiet.returncode == 0, quiet.stderr
-    assert "3/3" not in quiet.stderr and '"evaluate"' not in quiet.stderr
+    assert "3/3" not in quiet.stderr and '"evaluate"' not in quiet.stderr and "evaluation plan" not in quiet.stderr

@@ -542,6 +542,10 @@ CLI_CASES = [
     (["evaluate", "-m", "Q", "--set", "queries=broken.jsonl", "-o", "RUN"], ["broken.jsonl:2"]),
     (["compare", "--preset", "huge", "--methods", "Q,PICACO", "-o", "RUN"], ["preset", "'cpu'"]),
     (["study", "jailbreak", "--preset", "huge", "-o", "RUN"], ["preset", "'paper'"]),
+    # a dry run checks the same inputs as the command
+    (["optimize", "--queries", "broken.jsonl", "--dry-run", "-o", "RUN"], ["broken.jsonl:2", "invalid JSON"]),
+    (["evaluate", "-m", "nope", "--dry-run", "-o", "RUN"], ["unknown method 'nope'"]),
+    (["compare", "--methods", "Q,OPRO", "--dry-run", "-o", "RUN"], ["OPRO needs a call budget"]),
     (["values", "show", "dupvalues.yaml"], ["duplicate value ids"]),
     (["values", "show", "binary.yaml"], ["not UTF-8"]),
 ]

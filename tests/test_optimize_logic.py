@@ -1654,16 +1654,16 @@ def test_on_queries_no_round_saw_the_higher_mean_decides_against_the_bare_model(
 
 
 def test_final_queries_come_from_the_training_split_after_the_rounds_queries():
-    from picaco.optimize.engine import _select_queries
+    from picaco.optimize.engine import select_queries
 
-    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 2}))
+    used, held, warnings = select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 2}))
     assert [q.id for q in used] == ["q1"] and [q.id for q in held] == ["q2", "q3"]
     assert not [w for w in warnings if "final_queries" in w]
     # never the test split: only two training queries are left after the first, so the check uses those
-    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 5}))
+    used, held, warnings = select_queries(QUERIES, SMALL.model_copy(update={"n_queries": 1, "final_queries": 5}))
     assert [q.id for q in held] == ["q2", "q3"]
     assert any("final_queries = 5 but only 2 training queries are left" in w for w in warnings)
-    used, held, warnings = _select_queries(QUERIES, SMALL.model_copy(update={"final_queries": 2}))
+    used, held, warnings = select_queries(QUERIES, SMALL.model_copy(update={"final_queries": 2}))
     assert held == [] and any("reuses the rounds' queries" in w for w in warnings)
 
 

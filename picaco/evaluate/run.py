@@ -142,7 +142,7 @@ def gepa_params(config: RunConfig, max_calls: int, overrides: Mapping | None = N
     return _search_params(GepaParams, "GEPA", config, max_calls, overrides)
 
 
-def _search_budget(method: str, explicit: int | None, instructions: Mapping[str, Path]) -> int:
+def search_budget(method: str, explicit: int | None, instructions: Mapping[str, Path]) -> int:
     """A searching baseline's call budget: the explicit one, else the spend of the first PICACO run
     among the instructions (so both cost what PICACO cost)."""
     if explicit is not None:
@@ -166,7 +166,7 @@ def _search_method(method: str, config: RunConfig, rt: Runtime, instructions: Ma
     n_train = config.params().n_queries
     if n_train is not None:
         train = train[:n_train]
-    budget = _search_budget(method, max_calls, instructions)
+    budget = search_budget(method, max_calls, instructions)
     common = dict(optimizer=rt.client("optimizer"), judge=judge, train_queries=train,
                   seed_instruction=config.seed_text(value_set), accounting=rt.accounting,
                   state_dir=out / method.lower())

@@ -28,6 +28,8 @@ from picaco.llm.base import Completion, GenerateRequest, Message
 from picaco.llm.client import LLMClient
 
 RATING_TOKENS = ("1", "2", "3", "4", "5")
+#: times a rating is asked again when no rating can be read from the answer
+MAX_RETRIES = 2
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 
 SYSTEM_PROMPT = (
@@ -243,7 +245,7 @@ class LLMJudge:
         client: LLMClient,
         *,
         mode: str = "per_value",
-        max_retries: int = 2,
+        max_retries: int = MAX_RETRIES,
         retry_temperature: float = 0.7,
         max_tokens: int = 6,
         top_k: int = 20,

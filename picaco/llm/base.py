@@ -50,6 +50,11 @@ def frame(messages: tuple[Message, ...], template: str | None = None,
     return (*head, *prior_turns, *rest)
 
 
+def frame_chars(template: str | None, prior_turns: tuple[Message, ...] = ()) -> int:
+    """Characters a deployment frame (system template, prior turns) adds to every request."""
+    return len(template or "") + sum(len(m.content) for m in prior_turns)
+
+
 def turns_as_pairs(turns: tuple[Message, ...]) -> list[dict[str, str]]:
     """Alternating user/assistant messages as {"user", "assistant"} pairs (the form a config and
     a run directory's prior_turns.jsonl hold them in)."""

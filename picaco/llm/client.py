@@ -21,6 +21,7 @@ from picaco.llm.base import (
     LikelihoodRequest,
     Message,
     frame,
+    frame_chars,
     turns_as_pairs,
 )
 from picaco.llm.cache import CallCache, cache_key
@@ -100,7 +101,7 @@ class LLMClient:
     def frame_chars(self) -> int:
         """Characters the deployment frame adds to every request (the template's text and the
         prior turns), for the pre-flight token estimate."""
-        return len(self.system_template or "") + sum(len(m.content) for m in self.prior_turns)
+        return frame_chars(self.system_template, self.prior_turns)
 
     def _framed(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
         return frame(messages, self.system_template, self.prior_turns) if self.frames else messages

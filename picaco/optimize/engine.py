@@ -35,7 +35,7 @@ from picaco.llm.accounting import Accounting, Budget
 from picaco.llm.base import chat, fill_template, turns_as_pairs
 from picaco.machine import machine_info, mixed_machines_warning
 from picaco.optimize import proposer
-from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate
+from picaco.optimize.params import PRESETS, Estimate, OptimizeParams, ResolvedMode, estimate_run
 from picaco.optimize.pools import Pools, Scored
 from picaco.optimize.progress import ProgressEvent, ProgressSink, QuietProgress
 from picaco.optimize.rundir import RunDir, instruction_hash, read_final_instruction, require_finished
@@ -398,15 +398,14 @@ class Engine:
 
     def estimate(self) -> Estimate:
         if self._estimate is None:
-            self._estimate = estimate(
+            self._estimate = estimate_run(
                 self.params,
-                n_queries=len(self.queries),
+                query_texts=[q.text for q in self.queries],
                 n_values=len(self.value_ids),
                 mode=self.mode,
                 judge_calls_per_response=self.judge_calls_per_response(),
-                query_tokens=int(np.mean([len(q.text) for q in self.queries]) // 4) + 1,
-                instruction_tokens=len(self.seed_instruction) // 4 + 1,
-                frame_tokens=self.target.frame_chars // 4,
+                seed_instruction=self.seed_instruction,
+                frame_chars=self.target.frame_chars,
             )
         return self._estimate
 
@@ -1172,7 +1171,7 @@ def config_hash(fingerprint: dict) -> str:
 # -- the public API -----------------------------------------------------------------------------------
 
 
-def _resolve_seed(value_set: ValueSet, seed_instruction: str | None,
+def resolve_seed(value_set: ValueSet, seed_instruction: str | None,
                   init_from: str | Path | None) -> tuple[str, str | None]:
     if seed_instruction is not None and init_from is not None:
         raise ConfigError("give either seed_instruction or init_from, not both")
@@ -1194,7 +1193,7 @@ def _resolve_seed(value_set: ValueSet, seed_instruction: str | None,
     return proposer.default_seed_instruction(value_set), None
 
 
-def _select_queries(queries: Sequence[Query],
+def select_queries(queries: Sequence[Query],
                     params: OptimizeParams) -> tuple[list[Query], list[Query], list[str]]:
     """The training-split queries the rounds use, those kept for the final check alone (the next
     `final_queries` of the split), and warnings."""
@@ -1252,8 +1251,8 @@ async def optimize(
         if params not in PRESETS:
             raise ConfigError(f"unknown preset {params!r}: use one of {', '.join(PRESETS)}")
         params = PRESETS[params]
-    seed, source = _resolve_seed(value_set, seed_instruction, init_from)
-    used, held, warnings = _select_queries(queries, params)
+    seed, source = resolve_seed(value_set, seed_instruction, init_from)
+    used, held, warnings = select_queries(queries, params)
     if refinish:
         require_finished(run_dir)
     rundir = RunDir(run_dir)

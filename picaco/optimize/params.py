@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -277,4 +278,29 @@ def estimate(
         roles=roles,
         per_round_calls=per_round,
         first_round_calls=bare + per_round,
+    )
+
+
+def estimate_run(
+    params: OptimizeParams,
+    *,
+    query_texts: Sequence[str],
+    n_values: int,
+    mode: ResolvedMode,
+    judge_calls_per_response: int,
+    seed_instruction: str,
+    frame_chars: int = 0,
+) -> Estimate:
+    """:func:`estimate` for a run's own queries, seed instruction and deployment frame (the lengths
+    give the token counts). The engine and `picaco optimize --dry-run` both call this."""
+    mean_query_chars = sum(len(t) for t in query_texts) / max(1, len(query_texts))
+    return estimate(
+        params,
+        n_queries=len(query_texts),
+        n_values=n_values,
+        mode=mode,
+        judge_calls_per_response=judge_calls_per_response,
+        query_tokens=int(mean_query_chars) // 4 + 1,
+        instruction_tokens=len(seed_instruction) // 4 + 1,
+        frame_tokens=frame_chars // 4,
     )
