@@ -62,6 +62,12 @@ def test_an_evaluation_plan_counts_calls_per_method_and_what_is_already_written(
     done = evaluation_plan(config, ["OPRO"], out_dir=out, search_budget=57, n_queries=3, samples_per_query=2)
     assert done.methods[0].search_calls == 0 and done.total_calls == 0
     assert "done" in done.describe() and "nothing left to generate" in done.describe().splitlines()[-1]
+    # a search that finished before its rows were written (a kill in between) is not paid for again
+    (out / "samples.jsonl").unlink()
+    assert evaluation_plan(config, ["OPRO"], out_dir=out, search_budget=57, n_queries=3).methods[0].search_calls == 57
+    (out / "opro").mkdir()
+    (out / "opro" / "result.json").write_text("{}")
+    assert evaluation_plan(config, ["OPRO"], out_dir=out, search_budget=57, n_queries=3).total_calls == 3 + 12
     # the offline judge makes no model calls
     offline = evaluation_plan(config.model_copy(update={"eval_judge": None}), ["Q"], out_dir=tmp_path / "new",
                               n_queries=3)

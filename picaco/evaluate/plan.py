@@ -32,6 +32,9 @@ class MethodPlan:
     #: responses are not all written yet (they are written after the search)
     search_budget: int | None = None
     search_budget_note: str = ""
+    #: the search finished in an earlier process (its result is in the output directory and is
+    #: reused when the settings are the same)
+    search_finished: bool = False
 
     @property
     def todo(self) -> int:
@@ -47,7 +50,7 @@ class MethodPlan:
 
     @property
     def search_calls(self) -> int:
-        return self.search_budget if (self.search_budget and self.todo) else 0
+        return self.search_budget if (self.search_budget and self.todo and not self.search_finished) else 0
 
     @property
     def total_calls(self) -> int:
@@ -85,7 +88,7 @@ class EvaluationPlan:
                      f"{'target calls':>12}  {'judge calls':>11}  search")
         for m in self.methods:
             search = (f"up to {m.search_calls:,} requests ({m.search_budget_note})" if m.search_calls
-                      else "done" if m.search_budget and not m.todo else "")
+                      else "done" if m.kind == "search" else "")
             lines.append(f"  {m.name:<{width}}  {m.calls_per_query:>11}  {f'{m.todo} of {m.responses}':>15}  "
                          f"{m.target_calls:>12,}  {m.judge_calls:>11,}  {search}".rstrip())
         lines.append(f"  total: about {self.total_calls:,} model calls if none is answered from the cache"
@@ -137,7 +140,8 @@ def evaluation_plan(
             budget, note = search_budget, search_budget_note
             if budget is None:
                 budget, note = budget_of(label, None, instructions), "PICACO's spend"
-            plans.append(MethodPlan(label, "search", 1, search_budget=budget, search_budget_note=note, **common))
+            plans.append(MethodPlan(label, "search", 1, search_budget=budget, search_budget_note=note,
+                                    search_finished=(out / label.lower() / "result.json").exists(), **common))
         else:
             plans.append(MethodPlan(label, "baseline", make_simple(label).calls_per_query(value_set), **common))
     return EvaluationPlan(len(queries), samples_per_query, judge, out, plans)
