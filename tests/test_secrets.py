@@ -154,7 +154,10 @@ def test_wrong_key_fails_without_echoing_either_key(server, key, tmp_path):
     proc = _picaco(["evaluate", "-c", str(config), "-m", "Q", "--n-queries", "1", "--no-cache", "-o", "eval"],
                    tmp_path, {KEY_ENV: wrong, "PICACO_CACHE_DIR": str(tmp_path / "cache")}, transcript)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
+    # besides the evaluation plan printed before any call (a heading and indented rows), one error line
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not line.startswith(("evaluation plan:", "  "))]
+    assert proc.stderr.startswith("evaluation plan:"), proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert "401" in lines[0] and "rejected the API key" in lines[0]
     for secret in (wrong, key, wrong[-16:], key[-16:]):
