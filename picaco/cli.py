@@ -488,17 +488,16 @@ def _compare_dry_run(cfg, names, instructions, run_dir: Path, as_json: bool, pla
     (PICACO's spend) is taken from its estimate."""
     console = None if as_json else out
     data: dict = {}
-    budget = note = None
+    budget = note = optimize_calls = None
     if instructions:
         data["optimize"] = _optimization_estimate(cfg, run_dir, console)
+        optimize_calls = max(e["total_calls"] for e in data["optimize"]["estimates"].values())
         if not (run_dir / "result.json").exists():  # a finished run's spend is read from it
-            budget = max(e["total_calls"] for e in data["optimize"]["estimates"].values())
-            note = "PICACO's estimate; its spend once it has run"
+            budget, note = optimize_calls, "PICACO's estimate; its spend once it has run"
     data["evaluate"] = _evaluation_plan(
         cfg, names, instructions, console=console, as_json=False, search_budget=budget,
         **({"search_budget_note": note} if note else {}), **plan_args)
-    if "optimize" in data:
-        optimize_calls = max(e["total_calls"] for e in data["optimize"]["estimates"].values())
+    if optimize_calls is not None:
         data["total_calls"] = optimize_calls + data["evaluate"]["total_calls"]
         if console is not None:
             console.print(f"compare total: about {data['total_calls']:,} model calls (PICACO up to "

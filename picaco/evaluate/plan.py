@@ -113,6 +113,7 @@ def evaluation_plan(
     compare --dry-run` passes PICACO's estimate); otherwise it is read from the first PICACO run
     among the instructions, as the evaluation itself does."""
     from picaco.api import load_inputs
+    from picaco.evaluate.run import method_order
     from picaco.evaluate.run import search_budget as budget_of
 
     instructions = {k: Path(v) for k, v in (instructions or {}).items()}
@@ -129,7 +130,7 @@ def evaluation_plan(
     done = Counter(r["method"] for r in read_rows(out / SAMPLES, complete_only=True)
                    if r.get("query_id") in wanted and r.get("sample", 0) < samples_per_query)
     responses = len(queries) * samples_per_query
-    order = list(methods) + [n for n in instructions if n not in methods]
+    order = method_order(methods, instructions)
     plans = []
     for name in order:
         label = name if name in instructions else canonical_name(name)  # the name rows are written under

@@ -97,6 +97,12 @@ def check_same_deployment(name: str, path: str | Path, config: RunConfig) -> Non
         )
 
 
+def method_order(methods: Sequence[str], instructions: Mapping[str, Path]) -> list[str]:
+    """The names an evaluation runs, in its order: `methods` as given (they may name instructions to
+    place them), then the instructions not named among them."""
+    return list(methods) + [n for n in instructions if n not in methods]
+
+
 def check_no_own_turns(method, config: RunConfig, value_set) -> None:
     """A method that brings its own example turns (URIAL) would be shown two sets under `prior_turns`."""
     if config.prior_turns and method.prior_turns(value_set):
@@ -210,7 +216,7 @@ async def evaluate_config(
     from picaco.api import build_redundancy, load_inputs
 
     instructions = {k: Path(v) for k, v in (instructions or {}).items()}
-    order = list(methods) + [n for n in instructions if n not in methods]
+    order = method_order(methods, instructions)
     if not order:
         raise ConfigError("nothing to evaluate: name at least one method or instruction")
     value_set, queries = load_inputs(config, "test")
