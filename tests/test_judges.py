@@ -271,6 +271,21 @@ def test_labeled_groups_are_complete_and_queries_do_not_cross_splits():
         assert not train_texts & heldout_texts, field
 
 
+def test_labeled_rows_may_hold_unicode_line_separators_and_bad_rows_name_their_line(tmp_path):
+    # JSON allows U+2028, U+2029 and NEL raw inside strings; only "\n" ends a row.
+    row = {"id": "v-g01-conforming", "value": "v", "group": "v-g01", "split": "train",
+           "query": "q", "response": "first\u2028second\u2029third\x85end", "label": "conforming"}
+    (tmp_path / "v.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n\n", encoding="utf-8")
+    (rows,) = load_rows(["v"], directory=tmp_path)
+    assert rows.response == row["response"]
+    (tmp_path / "w.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"id": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"w\.jsonl:2: not a labeled row"):
+        load_rows(["w"], directory=tmp_path)
+    (tmp_path / "x.jsonl").write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"x\.jsonl:1: invalid JSON"):
+        load_rows(["x"], directory=tmp_path)
+
+
 def test_training_never_embeds_heldout_text(embedder):
     heldout = load_rows(["tradition"], split="heldout")
     seen: set[str] = set()

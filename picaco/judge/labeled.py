@@ -4,10 +4,10 @@ query (conforming, violating, fake, irrelevant), split train/heldout by group.""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from picaco.data.queries import jsonl_values
 from picaco.errors import DataError
 
 LABELS = ("conforming", "violating", "fake", "irrelevant")
@@ -49,13 +49,10 @@ def load_rows(
         path = d / f"{value_id}.jsonl"
         if not path.is_file():
             raise DataError(f"no labeled data for value {value_id!r} ({path})")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, raw in jsonl_values(path, path.read_text(encoding="utf-8")):
             try:
-                raw = json.loads(line)
                 row = LabeledRow(**{k: raw[k] for k in LabeledRow.__dataclass_fields__})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (KeyError, TypeError) as err:
                 raise DataError(f"{path}:{n}: not a labeled row ({err})") from err
             if row.label not in LABELS or row.split not in SPLITS:
                 raise DataError(f"{path}:{n}: unknown label {row.label!r} or split {row.split!r}")
