@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from picaco.embeddings import shared_embedder  # noqa: E402
+from picaco.evaluate.harness import read_rows  # noqa: E402
 from picaco.judge.offline import OfflineConfig, OfflineJudge  # noqa: E402
 from picaco.values import load_value_set  # noqa: E402
 
@@ -43,7 +44,7 @@ async def main() -> None:
     samples = args.compare_dir / "eval" / "samples.jsonl"
     if not samples.exists():
         sys.exit(f"error: {samples} not found (expected a `picaco compare -o DIR` directory)")
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    rows = read_rows(samples)
     vs = load_value_set(args.value_set)
     half0 = await mean_by_method(rows, vs, 0)
     half1 = await mean_by_method(rows, vs, 1)
