@@ -121,6 +121,30 @@ def test_prior_turns_come_from_urial_a_jsonl_file_or_the_config_and_are_stored_r
         assert "\n" not in str(e.value)
 
 
+BENCH_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "bench" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCH_CONFIGS, ids=lambda p: p.name)
+def test_the_bench_configs_behind_the_results_still_load(path):
+    # docs/RESULTS.md gives a command with each of these; a renamed or removed field would break
+    # the command long after the numbers were written down
+    config = load_config(path)
+    assert config.target.model and config.eval_judge is not None
+
+
+def test_the_examples_frame_puts_urial_examples_after_the_slot():
+    from picaco.baselines.urial import URIAL_EXAMPLES
+    from picaco.llm.base import fill_template
+
+    (path,) = [p for p in BENCH_CONFIGS if p.name == "examples-in-prompt.yaml"]
+    template = load_config(path).system_template
+    bare = fill_template(template, None)
+    assert bare.startswith("Examples of how you answer:")
+    assert bare == "Examples of how you answer:\n\n" + "\n\n".join(
+        f"User: {q}\nAssistant: {a}" for q, a in URIAL_EXAMPLES)
+    assert fill_template(template, "Be kind.").startswith("Be kind.\n\nExamples of how you answer:")
+
+
 def test_missing_and_binary_config(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
