@@ -138,9 +138,7 @@ def test_the_examples_frame_puts_urial_examples_after_the_slot():
 
     (path,) = [p for p in BENCH_CONFIGS if p.name == "examples-in-prompt.yaml"]
     template = load_config(path).system_template
-    bare = fill_template(template, None)
-    assert bare.startswith("Examples of how you answer:")
-    assert bare == "Examples of how you answer:\n\n" + "\n\n".join(
+    assert fill_template(template, None) == "Examples of how you answer:\n\n" + "\n\n".join(
         f"User: {q}\nAssistant: {a}" for q, a in URIAL_EXAMPLES)
     assert fill_template(template, "Be kind.").startswith("Be kind.\n\nExamples of how you answer:")
 
