@@ -276,8 +276,8 @@ def test_labeled_rows_may_hold_unicode_line_separators_and_bad_rows_name_their_l
     row = {"id": "v-g01-conforming", "value": "v", "group": "v-g01", "split": "train",
            "query": "q", "response": "first\u2028second\u2029third\x85end", "label": "conforming"}
     (tmp_path / "v.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n\n", encoding="utf-8")
-    (rows,) = load_rows(["v"], directory=tmp_path)
-    assert rows.response == row["response"]
+    (loaded,) = load_rows(["v"], directory=tmp_path)
+    assert loaded.response == row["response"]
     (tmp_path / "w.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"id": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"w\.jsonl:2: not a labeled row"):
         load_rows(["w"], directory=tmp_path)
