@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from picaco.errors import ConfigError, DataError, describe_validation_error
+from picaco.examples import ExampleTurn, resolve_examples
 
 BackendKind = Literal["embedded", "openai", "fake"]
 
@@ -152,53 +153,6 @@ class JudgeConfig(RoleConfig):
 OPTIMIZER_DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
-class ExampleTurn(BaseModel):
-    """One fixed example exchange the deployed model is shown before every query (`prior_turns`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    user: str = Field(min_length=1)
-    assistant: str = Field(min_length=1)
-
-    @field_validator("user", "assistant")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-
-#: example turns are a few KB; a bigger file is the wrong file
-MAX_TURNS_BYTES = 1_000_000
-
-
-def _turns_from_jsonl(path: Path) -> list[dict]:
-    """Example turns from a JSONL file: one {"user": ..., "assistant": ...} object a line."""
-    try:
-        if not path.is_file():
-            raise ValueError(f"not a method with example turns (URIAL) nor a file: {path}")
-        if path.stat().st_size > MAX_TURNS_BYTES:
-            raise ValueError(f"{path}: too large for example turns (limit {MAX_TURNS_BYTES:,} bytes)")
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
-    from picaco.data.queries import jsonl_values
-
-    try:
-        values = jsonl_values(path, text)
-    except DataError as e:  # pydantic wants ValueError; the message stays one line
-        raise ValueError(str(e)) from None
-    rows = []
-    for n, row in values:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected an object with 'user' and 'assistant'")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no example turns in it")
-    return rows
-
-
 def _default_optimizer() -> RoleConfig:
     return RoleConfig(model=OPTIMIZER_DEFAULT_MODEL)
 
@@ -261,15 +215,7 @@ class RunConfig(BaseModel):
     @field_validator("prior_turns", mode="before")
     @classmethod
     def _resolve_turns(cls, v: Any) -> Any:
-        if v is None or isinstance(v, list):
-            return v or None
-        if not isinstance(v, (str, Path)):
-            raise ValueError('give "URIAL", a JSONL file of {"user", "assistant"} lines, or a list of such pairs')
-        if str(v).strip().upper() == "URIAL":
-            from picaco.baselines.urial import URIAL_EXAMPLES
-
-            return [{"user": u, "assistant": a} for u, a in URIAL_EXAMPLES]
-        return _turns_from_jsonl(Path(v).expanduser())
+        return resolve_examples(v)
 
     def turns(self):
         """The prior turns as alternating user/assistant messages (empty when there are none)."""
@@ -310,11 +256,15 @@ class RunConfig(BaseModel):
         from picaco.optimize.params import OptimizeParams
 
         try:
-            OptimizeParams.model_validate(v)
+            params = OptimizeParams.model_validate(v)
         except ValidationError as e:  # re-raised as one line naming the parameter
             first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise ValueError(f"{where}: {first.get('msg', 'invalid')}") from None
+            msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+            raise ValueError(f"{where}: {msg}") from None
+        if v.get("prompt_examples") is not None:
+            # stored resolved, as `prior_turns` are: a run records the examples, not a file name
+            v = {**v, "prompt_examples": [t.model_dump() for t in params.prompt_examples or ()] or None}
         return v
 
     def params(self):

@@ -61,7 +61,7 @@ def test_overrides_use_dotted_paths():
         ("seed_from: OPRO", "OPRO is not a single system prompt"),
         ("seed_from: Shakespeare", "unknown method 'Shakespeare'"),
         ("seed_from: Q+IF\nseed_instruction: Be kind.", "give seed_instruction or seed_from, not both"),
-        ("prior_turns: no-such-turns.jsonl", "prior_turns: not a method with example turns (URIAL) nor a file"),
+        ("prior_turns: no-such-turns.jsonl", "prior_turns: not URIAL (its examples) nor a file"),
         ("prior_turns: [{user: Hi}]", "prior_turns.0.assistant"),
         ("prior_turns: [{user: Hi, assistant: '  '}]", "must not be blank"),
         ("prior_turns: [{user: Hi, assistant: Hello, system: x}]", "prior_turns.0.system"),
@@ -114,7 +114,7 @@ def test_prior_turns_come_from_urial_a_jsonl_file_or_the_config_and_are_stored_r
     assert load_config(None, {"prior_turns": "sep.jsonl"}).turns()[1].content == "9 to 5\u2028Mon to Fri"
     assert load_config(None, {}).turns() == () and load_config(None, {"prior_turns": []}).prior_turns is None
     for text, needle in [("not json\n", "bad.jsonl:1: invalid JSON"), ('["a", "b"]\n', "expected an object"),
-                         ("\n", "no example turns in it"), ('{"user": "Hi"}\n', "prior_turns.0.assistant")]:
+                         ("\n", "no example exchanges in it"), ('{"user": "Hi"}\n', "prior_turns.0.assistant")]:
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(ConfigError, match=needle) as e:
             load_config(None, {"prior_turns": "bad.jsonl"})

@@ -1070,6 +1070,91 @@ def test_grounded_candidates_compete_when_the_optimizer_offers_nothing(tmp_path)
     assert round1["objective"] == pytest.approx(best)
 
 
+def test_prompt_examples_resolve_render_and_split_exactly():
+    from picaco.baselines.urial import URIAL_EXAMPLES
+    from picaco.examples import EXAMPLES_HEADER, split_examples, with_examples
+
+    params = SMALL.model_copy(update={"prompt_examples": None})
+    assert params.examples_block is None and "prompt_examples" not in fingerprint_params(params)
+    urial = OptimizeParams.model_validate({**SMALL.model_dump(), "prompt_examples": "URIAL"})
+    assert [(t.user, t.assistant) for t in urial.prompt_examples] == list(URIAL_EXAMPLES)
+    block = urial.examples_block
+    q, a = URIAL_EXAMPLES[2]
+    assert block.startswith(EXAMPLES_HEADER + "\n\nUser: " + URIAL_EXAMPLES[0][0] + "\nAssistant: ")
+    assert block.endswith(f"\n\nUser: {q}\nAssistant: {a}")
+    assert fingerprint_params(urial)["prompt_examples"][0]["user"] == URIAL_EXAMPLES[0][0]
+    text = with_examples("Be kind.", block)
+    assert split_examples(text, block) == ("Be kind.", True)
+    # only the exact block counts: one changed character leaves it instruction text
+    assert split_examples(text[:-1], block) == (text[:-1], False)
+    assert split_examples(text, None) == (text, False)
+    pairs = OptimizeParams.model_validate({**SMALL.model_dump(),
+                                           "prompt_examples": [{"user": "Hi", "assistant": "Hello."}]})
+    assert pairs.examples_block == f"{EXAMPLES_HEADER}\n\nUser: Hi\nAssistant: Hello."
+    # one more candidate a round, and the block's tokens on every target request
+    plain = estimate(SMALL, n_queries=3, n_values=3, mode="sampling", judge_calls_per_response=0)
+    more = estimate(urial, n_queries=3, n_values=3, mode="sampling", judge_calls_per_response=0)
+    assert (more.roles["target generate"].calls - plain.roles["target generate"].calls
+            == SMALL.rounds * min(SMALL.minibatch, 3) * SMALL.samples_per_query)
+    per_call = len(block) // 4
+    assert more.roles["target generate"].tokens == (
+        plain.roles["target generate"].tokens
+        + more.roles["target generate"].calls * per_call
+        + (more.roles["target generate"].calls - plain.roles["target generate"].calls)
+        * (plain.roles["target generate"].tokens // plain.roles["target generate"].calls))
+
+
+def test_bad_prompt_examples_are_one_line_config_errors(tmp_path):
+    from picaco.config import load_config
+
+    for value, needle in [("no-such.jsonl", r"optimize: prompt_examples: not URIAL \(its examples\) nor a file"),
+                          ([{"user": "Hi"}], "prompt_examples.0.assistant"),
+                          (7, 'give "URIAL", a JSONL file')]:
+        with pytest.raises(ConfigError, match=needle) as e:
+            load_config(None, {"optimize": {"prompt_examples": value}}).params()
+        assert "\n" not in str(e.value)
+    lines = tmp_path / "examples.jsonl"
+    lines.write_text('{"user": "Hi", "assistant": "Hello."}\n')
+    config = load_config(None, {"optimize": {"prompt_examples": str(lines)}})
+    lines.unlink()  # stored resolved: the run records the examples themselves, not the file's name
+    assert config.optimize["prompt_examples"] == [{"user": "Hi", "assistant": "Hello."}]
+    assert config.params().examples_block.endswith("User: Hi\nAssistant: Hello.")
+
+
+def test_the_examples_candidate_toggles_the_block_and_the_optimizer_never_sees_it(tmp_path):
+    s = Setup()
+    seen: list[str] = []
+
+    def respond(req):
+        seen.append(req.messages[1].content)
+        return "Be kind, truthful and careful, and say when a plan is risky."
+    s.optimizer_backend.responder = respond
+    params = OptimizeParams.model_validate({**SMALL.model_dump(), "rounds": 1, "grounded": 1,
+                                            "prompt_examples": "URIAL", "mode": "sampling"})
+    block = params.examples_block
+    s.run(tmp_path / "without", params, seed_instruction="Be helpful.")
+    verdicts = [c for c in _records(tmp_path / "without", "candidates.jsonl") if c["kind"] == "verdict"]
+    assert [v["source"] for v in verdicts] == ["optimizer", "optimizer", "grounded", "examples"]
+    assert verdicts[-1]["text"] == "Be helpful.\n\n" + block and verdicts[-1]["kept"]
+    assert verdicts[-1]["note"] == "the examples written in"
+    assert not any(block in v["text"] for v in verdicts[:-1])
+    scored = {c["instruction"] for c in _records(tmp_path / "without", "candidates.jsonl")
+              if c["kind"] == "score" and c["tag"] == "round1"}
+    assert "Be helpful.\n\n" + block in scored
+    # an incumbent with the block: the optimizer and the checks see its instruction part, every
+    # kept candidate keeps the block, and the examples candidate takes it out
+    seen.clear()
+    s.run(tmp_path / "with", params, seed_instruction="Be helpful.\n\n" + block)
+    assert seen and all("Be helpful." in m and "Examples of how you answer" not in m for m in seen)
+    verdicts = [c for c in _records(tmp_path / "with", "candidates.jsonl") if c["kind"] == "verdict"]
+    kept = [v for v in verdicts if v["kept"]]
+    assert kept[0]["text"] == "Be kind, truthful and careful, and say when a plan is risky.\n\n" + block
+    assert verdicts[-1]["source"] == "examples" and verdicts[-1]["text"] == "Be helpful."
+    assert all(v["text"].endswith(block) for v in kept[:-1])
+    # instruction_max_chars counts the instruction part: the block alone is longer than the limit
+    assert len(block) > params.instruction_max_chars and len(kept) == 3
+
+
 def test_early_stop_when_the_instruction_is_stable(tmp_path):
     s = Setup()
     # an optimizer that only ever repeats the current instruction: every candidate is discarded
@@ -1378,7 +1463,8 @@ def test_balance_enters_f_and_leaves_old_fingerprints_alone(tmp_path):
     assert fp["balance"] == 0.5
     assert "balance" not in fingerprint_params(SMALL) and fingerprint_params(SMALL) == {
         k: v for k, v in SMALL.model_dump(mode="json").items()
-        if k not in ("balance", "replace_alpha", "weigh_bare", "final_queries", "final_samples")}
+        if k not in ("balance", "replace_alpha", "prompt_examples", "weigh_bare", "final_queries",
+                     "final_samples")}
 
 
 class WordJudge(FakeJudge):

@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,6 +31,7 @@ import picaco
 from picaco import objective
 from picaco.data.queries import Query
 from picaco.errors import BudgetExhausted, ConfigError
+from picaco.examples import split_examples, with_examples
 from picaco.llm.accounting import Accounting, Budget
 from picaco.llm.base import chat, fill_template, turns_as_pairs
 from picaco.machine import machine_info, mixed_machines_warning
@@ -129,7 +130,7 @@ async def probe_clients(accounting: Accounting, clients: Sequence) -> dict:
 
 #: parameters added after run directories existed, with the value that computes what runs did before
 #: them: at that value they are left out of the fingerprint, so older run directories still resume
-NEUTRAL_LATER_PARAMS = {"balance": 0.0, "replace_alpha": None}
+NEUTRAL_LATER_PARAMS = {"balance": 0.0, "replace_alpha": None, "prompt_examples": None}
 #: parameters of the final check only: the rounds do not depend on them, so they are not part of the
 #: fingerprint (a finished run takes a changed one with `--refinish`); provenance.json records them
 FINAL_CHECK_ONLY_PARAMS = ("weigh_bare", "final_queries", "final_samples")
@@ -653,8 +654,13 @@ class Engine:
 
     async def propose(self, round: int, current: str, sampled: list[Scored]) -> list[proposer.Verdict]:
         p = self.params
-        if p.candidates == 0 and p.grounded == 0:
+        if p.candidates == 0 and p.grounded == 0 and not p.prompt_examples:
             return []
+        # with `prompt_examples`, the optimizer and the checks see and write the instruction part
+        # only; every candidate they give keeps the incumbent's form (with or without the block),
+        # and one more candidate, written here, toggles the block
+        block = p.examples_block
+        current, has_block = split_examples(current, block)
         query_text = {q.id: q.text for q in self.queries}
         good = [proposer.Example(query_text[s.query_id], s.text)
                 for s in self.pools.best(p.good_examples)]
@@ -717,11 +723,21 @@ class Engine:
         # a resumed round keeps the verdicts it recorded, so a change to the checks does not change
         # which candidates a run started before it competes with
         recorded = [self.candidate_records.get(f"verdict|{round}|{v.index}") for v in verdicts]
+        if has_block:
+            verdicts = [replace(v, text=with_examples(v.text, block)) if v.kept else v
+                        for v in verdicts]
+        if block:
+            toggled = current if has_block else with_examples(current, block)
+            verdicts.append(proposer.Verdict(
+                p.candidates + p.grounded, toggled, toggled, "stop", True, "",
+                "the examples taken out" if has_block else "the examples written in"))
+            recorded.append(self.candidate_records.get(f"verdict|{round}|{p.candidates + p.grounded}"))
         verdicts = [proposer.Verdict.from_json(r) if r is not None else v for v, r in zip(verdicts, recorded)]
         for v in verdicts:
             key = f"verdict|{round}|{v.index}"
             if key not in self.candidate_records:
-                source = "optimizer" if v.index < p.candidates else "grounded"
+                source = ("optimizer" if v.index < p.candidates
+                          else "grounded" if v.index < p.candidates + p.grounded else "examples")
                 record = {"key": key, "kind": "verdict", "round": round, "source": source,
                           **v.to_json(),
                           "instruction_hash": instruction_hash(v.text) if v.kept else None}

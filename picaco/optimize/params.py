@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from picaco.examples import ExampleTurn, examples_block, resolve_examples
 
 Mode = Literal["auto", "likelihood", "sampling", "proxy"]
 ResolvedMode = Literal["likelihood", "sampling", "proxy"]
@@ -113,9 +115,21 @@ class OptimizeParams(BaseModel):
                     "one-sided paired p that the incumbent is worse is below this (None = the higher "
                     "mean decides, as in the paper); an experiment, not a default (docs/method.md)",
     )
+    prompt_examples: tuple[ExampleTurn, ...] | None = Field(
+        None,
+        description="example exchanges each round may write into the instruction as text: one more "
+                    "candidate, the incumbent with them added (or removed when it has them); "
+                    '"URIAL", a JSONL file of {"user", "assistant"} lines, or a list of pairs '
+                    "(None = instructions only, as in the paper; docs/method.md)",
+    )
     minibatch: int = Field(8, ge=1, description="queries per candidate in sampling mode")
     good_examples: int = Field(2, ge=0, description="high-f pool responses shown to the optimizer")
     parroting_examples: int = Field(1, ge=0, description="parroting responses shown to the optimizer")
+
+    @field_validator("prompt_examples", mode="before")
+    @classmethod
+    def _resolve_examples(cls, v):
+        return resolve_examples(v)
 
     @model_validator(mode="after")
     def _check(self) -> "OptimizeParams":
@@ -129,6 +143,11 @@ class OptimizeParams(BaseModel):
     @property
     def n_bare(self) -> int:
         return self.noisy_pool_size if self.bare_samples is None else self.bare_samples
+
+    @property
+    def examples_block(self) -> str | None:
+        """The text `prompt_examples` add after an instruction (None without them)."""
+        return examples_block(self.prompt_examples) if self.prompt_examples else None
 
 
 PRESETS: dict[str, OptimizeParams] = {
@@ -233,11 +252,14 @@ def estimate(
     optimizer never see it.
     """
     N, n, T, C = n_queries, params.samples_per_query, params.rounds, params.candidates
-    scored = C + params.grounded + 1  # proposals, value-grounded candidates, and the current one
+    # proposals, value-grounded candidates, the examples toggle and the current one
+    scored = C + params.grounded + bool(params.prompt_examples) + 1
     pool = params.aligned_pool_size + params.noisy_pool_size
     instr = instruction_tokens if instruction_tokens is not None else params.instruction_max_chars // 4
     gen_tokens = instr + query_tokens + params.max_new_tokens
-    target_tokens = gen_tokens + frame_tokens
+    # upper-ish: as if every instruction carried the examples; only the target and proxy see them
+    block_tokens = len(params.examples_block or "") // 4
+    target_tokens = gen_tokens + frame_tokens + block_tokens
     bare = N * params.n_bare
     enhance = N * n
     # the end: in sampling mode the final check samples the seed, the last instruction and (with

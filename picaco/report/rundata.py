@@ -333,7 +333,7 @@ def candidate_history(run: RunData) -> list[CandidateRow]:
             vhash = v.get("instruction_hash")
             status = ("chosen" if rec and rec.get("changed") and vhash == chosen_hash
                       else "discarded" if not v.get("kept") else "competed" if rec else "pending")
-            label = f"#{int(v['index']) + 1}" + (" grounded" if v.get("source") == "grounded" else "")
+            label = f"#{int(v['index']) + 1}" + (f" {v['source']}" if v.get("source") in ("grounded", "examples") else "")
             rows.append(CandidateRow(t, label, v.get("text") or v.get("raw", ""),
                                      status, v.get("reason") or v.get("note") or "",
                                      scores.get((t, vhash)) if vhash else None, v.get("raw", "")))
