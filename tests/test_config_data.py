@@ -133,13 +133,13 @@ def test_the_bench_configs_behind_the_results_still_load(path):
 
 
 def test_the_examples_frame_puts_urial_examples_after_the_slot():
-    from picaco.baselines.urial import URIAL_EXAMPLES
     from picaco.llm.base import fill_template
+    from picaco.optimize.params import preset
 
     (path,) = [p for p in BENCH_CONFIGS if p.name == "examples-in-prompt.yaml"]
     template = load_config(path).system_template
-    assert fill_template(template, None) == "Examples of how you answer:\n\n" + "\n\n".join(
-        f"User: {q}\nAssistant: {a}" for q, a in URIAL_EXAMPLES)
+    # the frame's text is the block `prompt_examples: URIAL` lets PICACO write (RESULTS.md compares them)
+    assert fill_template(template, None) == preset("cpu", prompt_examples="URIAL").examples_block
     assert fill_template(template, "Be kind.").startswith("Be kind.\n\nExamples of how you answer:")
 
 
