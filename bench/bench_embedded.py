@@ -378,7 +378,6 @@ def render(model: str, threads: int, n_ctx: int, gen: dict, reuse: dict, mem: di
     import llama_cpp
 
     g_ok = "met" if gen["ratio_median"] <= 1.10 else "NOT met"
-    r_ok = "met" if reuse["efficiency"] >= 0.8 else "NOT met"
     lines = [
         "# Embedded backend (llama.cpp in-process)",
         "",

@@ -302,6 +302,7 @@ async def main() -> None:
     args = ap.parse_args()
 
     from picaco.embeddings import Embedder
+    from picaco.judge.offline import OfflineConfig, OfflineJudge
 
     embedder = Embedder(threads=args.threads)
     heldout = load_rows(split="heldout")
@@ -320,7 +321,6 @@ async def main() -> None:
             results["offline, added held-out groups only"] = by_set(added, offline_probs)
         extra_tables = {"offline per value (held-out)": per_value(heldout, offline_probs)}
         weights = judge.weights
-        from picaco.judge.offline import OfflineJudge
 
         speeds["offline"] = {
             name: await throughput(
@@ -343,8 +343,6 @@ async def main() -> None:
         results["offline, 7-fold CV on train split"] = by_set(train_rows, weights.oof)
     if args.halves:
         from scipy.stats import spearmanr
-
-        from picaco.judge.offline import OfflineConfig, OfflineJudge
 
         half_probs = []
         for half in (0, 1):

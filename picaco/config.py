@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from picaco.errors import ConfigError, DataError, describe_validation_error
+from picaco.errors import ConfigError, describe_validation_error
 from picaco.examples import ExampleTurn, resolve_examples
 
 BackendKind = Literal["embedded", "openai", "fake"]

@@ -36,7 +36,7 @@ from typing import Any
 from picaco.baselines.base import SearchMethod, fingerprint, value_list
 from picaco.baselines.opro import requests_made
 from picaco.data.queries import Query
-from picaco.errors import BudgetExhausted, ConfigError, DataError, PicacoError
+from picaco.errors import BudgetExhausted, ConfigError, PicacoError
 from picaco.llm.accounting import Accounting
 from picaco.llm.base import Message, chat
 from picaco.llm.client import LLMClient
