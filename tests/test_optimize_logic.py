@@ -1153,6 +1153,11 @@ def test_the_examples_candidate_toggles_the_block_and_the_optimizer_never_sees_i
     assert all(v["text"].endswith(block) for v in kept[:-1])
     # instruction_max_chars counts the instruction part: the block alone is longer than the limit
     assert len(block) > params.instruction_max_chars and len(kept) == 3
+    # the report names the candidate's source, as it does the grounded ones
+    from picaco.report.rundata import candidate_history, load_run
+
+    labels = [row.label for row in candidate_history(load_run(tmp_path / "with"))]
+    assert labels == ["current", "#1", "#2", "#3 grounded", "#4 examples"]
 
 
 def test_early_stop_when_the_instruction_is_stable(tmp_path):
