@@ -1,17 +1,18 @@
 """How small can the final check on kept-aside queries be? Replays it on fewer queries and samples.
 
 Each argument names a finished run whose final check ran on kept-aside queries (`final_queries`) and
-the evaluation summary of that run (held-out means of Q, Q+IF and PICACO):
+the evaluation summaries that hold the held-out means of its three arms (Q for the bare model,
+`--seed-method` for the seed, `--et-method` for e^T; later summaries add to earlier ones):
 
     PYTHONPATH=. .venv/bin/python bench/final_check_size.py \\
-        LABEL=RUN_DIR=EVAL_SUMMARY_JSON [...] [--repeats 200]
+        LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON] [...] [--repeats 200] [--sizes 12,24,48]
 
 For K kept-aside queries and s samples per query, it draws K of the run's kept-aside queries (and,
 for s = 1, one of the recorded samples of each) from the check's own records, applies the final
 check's rule to them with the engine's own functions (`scoring.seed_comes_back`: the seed only if
 e^T is demonstrably worse, one-sided paired t-test at 0.05; `scoring.bare_model_wins`:
 then the bare model if its mean f is higher) and scores the choice by its held-out mean: the bare
-model by Q's row, the seed by Q+IF's (the runs were seeded from Q+IF), e^T by PICACO's. The average
+model by Q's row, the seed by Q+IF's (the runs of session 14 were seeded from Q+IF), e^T by PICACO's. The average
 over runs and draws says what a smaller check would have returned on these runs. The last line is
 what the full check would have returned had no round changed the seed (the seed against the bare
 model): the limit of an incumbent advantage no candidate passes. No model is called.
@@ -32,7 +33,7 @@ from picaco.optimize.scoring import bare_model_wins, seed_comes_back
 ARMS = ("bare", "seed", "eT")
 
 
-def load(run_dir: Path, summary: Path):
+def load(run_dir: Path, summaries: list[Path], seed_method: str, et_method: str):
     prov = json.loads((run_dir / "provenance.json").read_text())
     kept = prov.get("final_queries")
     if not kept:
@@ -48,9 +49,11 @@ def load(run_dir: Path, summary: Path):
         for arm, h in hashes.items():
             if r["instruction_hash"] == h:
                 samples[arm][r["query_id"]][r["sample"]] = Scored.from_record(r)
-    methods = json.loads(summary.read_text())["methods"]
-    held_out = {"bare": methods["Q"]["mean"], "seed": methods["Q+IF"]["mean"],
-                "eT": methods["PICACO"]["mean"]}
+    methods: dict = {}
+    for summary in summaries:
+        methods.update(json.loads(summary.read_text())["methods"])
+    held_out = {"bare": methods["Q"]["mean"], "seed": methods[seed_method]["mean"],
+                "eT": methods[et_method]["mean"]}
     return kept, samples, held_out
 
 
@@ -69,28 +72,37 @@ def choose_without_rounds(samples, picks: list[tuple[str, list[int]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON")
+    ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON]")
     ap.add_argument("--repeats", type=int, default=200, help="random draws per size and run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes", default="", help="kept-aside query counts to replay, comma-separated "
+                    "(default: all of them, 10, 8 and 6)")
+    ap.add_argument("--seed-method", default="Q+IF", help="the summaries' row holding the seed's held-out mean")
+    ap.add_argument("--et-method", default="PICACO", help="the summaries' row holding e^T's held-out mean")
     args = ap.parse_args()
     runs = []
     for spec in args.runs:
-        label, run_dir, summary = spec.split("=")
-        runs.append((label, *load(Path(run_dir), Path(summary))))
+        label, run_dir, summaries = spec.split("=")
+        runs.append((label, *load(Path(run_dir), [Path(p) for p in summaries.split(",")],
+                                  args.seed_method, args.et_method)))
     rng = random.Random(args.seed)
     always_et = sum(h["eT"] for *_, h in runs) / len(runs)
     print(f"{len(runs)} runs; held-out mean of e^T (no final check): {always_et:.3f}")
     print("| kept-aside queries | samples each | held-out mean of the choice | bare / seed / e^T chosen |")
     print("|---|---|---|---|")
     full = min(len(kept) for _, kept, *_ in runs)
-    for k in sorted({full, 10, 8, 6} - {n for n in (10, 8, 6) if n > full}, reverse=True):
-        for n in (2, 1):
-            every = k == full and n == 2  # the check as it ran: one draw is all there is
+    # samples per query and arm the checks recorded (the fewest over runs, arms and queries)
+    recorded = min(len(samples[a][q]) for _, kept, samples, _ in runs for a in ARMS for q in kept)
+    sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else [full, 10, 8, 6]
+    for k in sorted({k for k in sizes if k <= full}, reverse=True):
+        for n in (2, 1) if recorded >= 2 else (1,):
+            every = k == full and n == recorded  # the check as it ran: one draw is all there is
             total, count, chosen = 0.0, 0, collections.Counter()
             for _ in range(1 if every else args.repeats):
                 for _, kept, samples, held_out in runs:
                     queries = kept if every else rng.sample(kept, k)
-                    picks = [(q, [0, 1] if n == 2 else [rng.randrange(2)]) for q in queries]
+                    picks = [(q, list(range(n)) if n == recorded else [rng.randrange(recorded)])
+                             for q in queries]
                     arm = choose(samples, picks)
                     total += held_out[arm]
                     count += 1
@@ -98,7 +110,7 @@ def main() -> None:
             share = " / ".join(f"{chosen[a] / count:.0%}" for a in ARMS)
             print(f"| {k} | {n} | {total / count:.3f} | {share} |")
     # the limit of an incumbent advantage that no candidate ever passes: the rounds change nothing
-    limit = [held_out[choose_without_rounds(samples, [(q, [0, 1]) for q in kept])]
+    limit = [held_out[choose_without_rounds(samples, [(q, list(range(recorded))) for q in kept])]
              for _, kept, samples, held_out in runs]
     print(f"\nHad no round changed the seed, the full check would return prompts scoring "
           f"{sum(limit) / len(limit):.3f} held out (per run: {', '.join(f'{x:.2f}' for x in limit)}).")
