@@ -5,7 +5,10 @@ the evaluation summaries that hold the held-out means of its three arms (Q for t
 `--seed-method` for the seed, `--et-method` for e^T; later summaries add to earlier ones):
 
     PYTHONPATH=. .venv/bin/python bench/final_check_size.py \\
-        LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON] [...] [--repeats 200] [--sizes 12,24,48]
+        LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON][=ET_METHOD] [...] [--repeats 200] [--sizes 12,24,48]
+
+(ET_METHOD: this run's row for e^T, where it is not `--et-method`'s, e.g. an instruction evaluated
+with `picaco evaluate -i NAME=FILE` because the run returned something else.)
 
 For K kept-aside queries and s samples per query, it draws K of the run's kept-aside queries (and,
 for s = 1, one of the recorded samples of each) from the check's own records, applies the final
@@ -72,7 +75,7 @@ def choose_without_rounds(samples, picks: list[tuple[str, list[int]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON]")
+    ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR=EVAL_SUMMARY_JSON[,MORE_SUMMARY_JSON][=ET_METHOD]")
     ap.add_argument("--repeats", type=int, default=200, help="random draws per size and run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sizes", default="", help="kept-aside query counts to replay, comma-separated "
@@ -82,9 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     runs = []
     for spec in args.runs:
-        label, run_dir, summaries = spec.split("=")
+        label, run_dir, summaries, *et_method = spec.split("=")
         runs.append((label, *load(Path(run_dir), [Path(p) for p in summaries.split(",")],
-                                  args.seed_method, args.et_method)))
+                                  args.seed_method, (et_method or [args.et_method])[0])))
     rng = random.Random(args.seed)
     always_et = sum(h["eT"] for *_, h in runs) / len(runs)
     print(f"{len(runs)} runs; held-out mean of e^T (no final check): {always_et:.3f}")
