@@ -1160,6 +1160,28 @@ def test_the_examples_candidate_toggles_the_block_and_the_optimizer_never_sees_i
     assert labels == ["current", "#1", "#2", "#3 grounded", "#4 examples"]
 
 
+@pytest.mark.parametrize("where", [0.3, 0.6, 0.9])
+def test_a_run_with_prompt_examples_resumes_after_a_kill_like_an_uninterrupted_one(tmp_path, where):
+    params = OptimizeParams.model_validate({**SMALL.model_dump(), "grounded": 1,
+                                            "prompt_examples": "URIAL"})
+    # started in the example form, so the rounds' candidates carry the block and the examples
+    # candidate takes it out
+    seed = "Be helpful.\n\n" + params.examples_block
+    ref = Setup()
+    ref_result = ref.run(tmp_path / "ref", params, seed_instruction=seed)
+    at = 1 + int(where * (ref.trip.counts["target"] - 1))
+    with pytest.raises(Killed):
+        Setup(Tripwire(at, "target")).run(tmp_path / "killed", params, seed_instruction=seed)
+    result = Setup().run(tmp_path / "killed", params, seed_instruction=seed)
+    assert _comparable(result) == _comparable(ref_result)
+    verdicts = {d: [(v["source"], v["text"]) for v in _records(tmp_path / d, "candidates.jsonl")
+                    if v["kind"] == "verdict"] for d in ("ref", "killed")}
+    assert verdicts["killed"] == verdicts["ref"]
+    assert sum(source == "examples" for source, _ in verdicts["ref"]) == params.rounds
+    assert any(source == "optimizer" and text.endswith(params.examples_block)
+               for source, text in verdicts["ref"])
+
+
 def test_early_stop_when_the_instruction_is_stable(tmp_path):
     s = Setup()
     # an optimizer that only ever repeats the current instruction: every candidate is discarded
