@@ -720,9 +720,6 @@ class Engine:
                                              max_chars=p.instruction_max_chars,
                                              examples=good + parroting, grounded_from=p.candidates,
                                              queries=self.queries, known=known)
-        # a resumed round keeps the verdicts it recorded, so a change to the checks does not change
-        # which candidates a run started before it competes with
-        recorded = [self.candidate_records.get(f"verdict|{round}|{v.index}") for v in verdicts]
         if has_block:
             verdicts = [replace(v, text=with_examples(v.text, block)) if v.kept else v
                         for v in verdicts]
@@ -731,7 +728,9 @@ class Engine:
             verdicts.append(proposer.Verdict(
                 p.candidates + p.grounded, toggled, toggled, "stop", True, "",
                 "the examples taken out" if has_block else "the examples written in"))
-            recorded.append(self.candidate_records.get(f"verdict|{round}|{p.candidates + p.grounded}"))
+        # a resumed round keeps the verdicts it recorded, so a change to the checks does not change
+        # which candidates a run started before it competes with
+        recorded = [self.candidate_records.get(f"verdict|{round}|{v.index}") for v in verdicts]
         verdicts = [proposer.Verdict.from_json(r) if r is not None else v for v, r in zip(verdicts, recorded)]
         for v in verdicts:
             key = f"verdict|{round}|{v.index}"
