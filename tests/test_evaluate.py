@@ -117,6 +117,11 @@ def test_rows_summary_and_markdown(tmp_path):
     assert described["picaco"]["system_prompt"] == "Care and Truth matter: be careful."
     md = res.markdown_path.read_text()
     assert "| picaco | 4.000 [4.000, 4.000] |" in md and "Friedman test over 4 queries" in md
+    # Q and Q+IF tie on every query (nothing to detect); picaco is 2 above Q on every one (no spread)
+    pairs = {(p["a"], p["b"]): p for p in res.summary["friedman"]["pairs"]}
+    assert pairs[("Q", "Q+IF")]["queries_for_power"] is None
+    assert pairs[("Q", "picaco")]["mean_difference"] == -2.0 and pairs[("Q", "picaco")]["queries_for_power"] == 2
+    assert "| Q | picaco | 4 | -2.000 | -2.000 |" in md and "queries for 80% power |" in md
 
 
 def test_resume_skips_written_rows_and_redoes_a_partial_one(tmp_path):

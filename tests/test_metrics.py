@@ -178,6 +178,27 @@ def test_friedman_on_a_known_ranking():
     assert [p.p_value for p in r.pairs] == pytest.approx([0.125] * 3)
     assert [p.p_holm for p in r.pairs] == pytest.approx([0.375] * 3)
     assert r.pairs[0].median_difference == pytest.approx(-2.5)  # median of -1, -2, -3, -4
+    assert r.pairs[0].mean_difference == pytest.approx(-2.5)
+    # sd of -1..-4 is 1.2910; ((1.95996 + 0.84162) * 1.2910 / 2.5)^2 = 2.09 -> 3 queries
+    assert r.pairs[0].queries_for_power == 3
+    assert r.to_json()["pairs"][0]["queries_for_power"] == 3
+
+
+def test_queries_for_power_against_hand_computed_values():
+    # differences 0.5, -0.5, 1, 0: mean 0.25, sd sqrt(1.25 / 3) = 0.6455;
+    # ((1.95996 + 0.84162) * 0.6455 / 0.25)^2 = 52.33 -> 53
+    assert M.queries_for_power(np.array([0.5, -0.5, 1.0, 0.0])) == 53
+    # the sign does not matter, NaN differences are left out
+    assert M.queries_for_power(np.array([-0.5, 0.5, -1.0, 0.0, nan])) == 53
+    # a larger difference with the same spread needs fewer: 4x the mean -> 1/16 of the queries
+    assert M.queries_for_power(np.array([0.5, -0.5, 1.0, 0.0]) + 0.75) == 4
+    # identical differences: no spread, the floor of a paired test
+    assert M.queries_for_power(np.array([1.0, 1.0, 1.0])) == 2
+    # nothing to detect, or too little to say
+    assert M.queries_for_power(np.array([1.0, -1.0])) is None
+    assert M.queries_for_power(np.array([1.0])) is None
+    # 90% power at 0.05 needs (1.95996 + 1.28155)^2 / 2.80159^2 = 1.339x the queries of 80%
+    assert M.queries_for_power(np.array([0.5, -0.5, 1.0, 0.0]), power=0.9) == 71
 
 
 def test_friedman_drops_incomplete_queries_and_handles_ties():

@@ -37,6 +37,8 @@ FAKE_THRESHOLD = 0.5
 #: two per-query means closer than this are a tie in the win rate
 TIE_TOLERANCE = 1e-9
 CONFIDENCE = 0.95
+#: the power `queries_for_power` plans for: the chance a paired test at 0.05 detects the difference
+POWER = 0.80
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,20 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return [float(x) for x in adjusted]
 
 
+def queries_for_power(differences: np.ndarray, power: float = POWER, alpha: float = 0.05) -> int | None:
+    """Queries a two-sided paired test at `alpha` needs to detect the observed mean difference with
+    probability `power`, if the per-query differences keep their observed spread:
+    n = ⌈((z_{1−α/2} + z_power) · sd / |mean|)²⌉ (normal approximation, sd with ddof = 1), at least 2.
+    None when the differences average to zero or there are fewer than two of them. It ignores Holm's
+    correction, so with many pairs the real need is higher: a floor, not a promise."""
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2 or abs(d.mean()) <= TIE_TOLERANCE:
+        return None
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return max(2, int(np.ceil((z * d.std(ddof=1) / abs(d.mean())) ** 2)))
+
+
 @dataclass(frozen=True)
 class PairTest:
     a: str
@@ -296,12 +312,16 @@ class PairTest:
     statistic: float
     p_value: float
     p_holm: float
+    mean_difference: float = float("nan")  # mean of (a − b) per-query mean ratings
+    #: queries needed to detect `mean_difference` 80% of the time (`queries_for_power`; None: no difference)
+    queries_for_power: int | None = None
 
     def to_json(self) -> dict:
         return {
             "a": self.a, "b": self.b, "n": self.n, "median_difference": _num(self.median_difference),
-            "statistic": _num(self.statistic), "p_value": _num(self.p_value),
-            "p_holm": _num(self.p_holm),
+            "mean_difference": _num(self.mean_difference), "statistic": _num(self.statistic),
+            "p_value": _num(self.p_value), "p_holm": _num(self.p_holm),
+            "queries_for_power": self.queries_for_power,
         }
 
 
@@ -344,7 +364,8 @@ def wilcoxon_pairs(matrix: np.ndarray, names: Sequence[str]) -> list[PairTest]:
         raw.append((i, j, d, float(res.statistic), float(res.pvalue)))
     adjusted = holm([r[4] for r in raw]) if raw else []
     return [
-        PairTest(names[i], names[j], int(d.size), float(np.median(d)), s, p, padj)
+        PairTest(names[i], names[j], int(d.size), float(np.median(d)), s, p, padj,
+                 mean_difference=float(d.mean()), queries_for_power=queries_for_power(d))
         for (i, j, d, s, p), padj in zip(raw, adjusted)
     ]
 
