@@ -305,6 +305,42 @@ def test_parse_candidate_recovers_the_instruction(raw):
     assert proposer.parse_candidate(raw) == CLEAN
 
 
+@pytest.mark.parametrize(
+    "raw,ended",
+    [
+        (CLEAN, False),
+        (f"Sure! Here is the improved system prompt:\n\n{CLEAN}", False),
+        (f"```\n{CLEAN}", False),  # fence never closed: the cap may have cut the instruction
+        (f'"""\n{CLEAN}', False),
+        (f"<instruction>{CLEAN}", False),
+        (f"<instruction>{CLEAN}</instruction>", True),
+        (f"```text\n{CLEAN}\n```\n\nExplanation: this version adds", True),
+        (f'"""\n{CLEAN}\n"""\n\nA strong answer (keep this behaviour):\nQuestion: How do I', True),
+        (f"{CLEAN}\n\nThis revised prompt keeps every value visible and", True),
+    ],
+)
+def test_parse_reply_says_whether_the_instruction_ended_before_the_reply(raw, ended):
+    assert proposer.parse_reply(raw) == (CLEAN, ended)
+
+
+def test_a_reply_cut_by_the_cap_after_its_instruction_closed_is_kept():
+    """Seen on liberalism-4 (session 20): the 1.5B optimizer closed the instruction's triple quotes,
+    went on to copy a strong answer from its prompt, and hit `optimizer_max_tokens`; a third of the
+    replies discarded as truncated over the session-19 runs were whole instructions like this."""
+    whole = f'"""\n{CLEAN}\n"""\n\nA strong answer (keep this behaviour):\nQuestion: How do I'
+    cut = f'"""\n{CLEAN} Also make sure that'
+    verdicts = proposer.check_candidates([(whole, "length"), (cut, "length")], current="Be kind.", max_chars=300)
+    assert [(v.kept, v.reason) for v in verdicts] == [(True, ""), (False, "truncated")]
+    assert verdicts[0].text == CLEAN and "ran on to the length cap" in verdicts[0].note
+    # OPRO applies the same rule; a copied "Score:" line also ends its instruction
+    from picaco.baselines.opro import check_proposal, read_proposal
+
+    for raw, why in [(whole, ""), (cut, "truncated"), (f"{CLEAN}\nScore: 4.9\n\nPrompt: Be", "")]:
+        text, ended = read_proposal(raw)
+        assert check_proposal(text, "length", set(), 300, ended=ended) == why
+    assert check_proposal(CLEAN, "length", set(), 300) == "truncated"
+
+
 def test_parse_candidate_keeps_multi_paragraph_instructions():
     text = "You are a kind assistant.\n\nAlways tell the truth, even when it is unwelcome."
     assert proposer.parse_candidate(text) == text

@@ -195,23 +195,30 @@ _SCORE_LINE = re.compile(r"^\s*score\s*:.*$", re.IGNORECASE | re.MULTILINE)
 
 def parse_proposal(raw: str) -> str:
     """The instruction inside a proposal; drops a copied "Score:" line and what follows it."""
-    from picaco.optimize.proposer import parse_candidate
+    return read_proposal(raw)[0]
 
-    text = parse_candidate(raw)
+
+def read_proposal(raw: str) -> tuple[str, bool]:
+    """The instruction inside a proposal, and whether it ended before the reply did (its wrapper
+    closed, commentary or a copied "Score:" line followed it: `proposer.parse_reply`)."""
+    from picaco.optimize.proposer import parse_reply
+
+    text, ended = parse_reply(raw)
     m = _SCORE_LINE.search(text)
     if m:
-        text = text[: m.start()]
+        text, ended = text[: m.start()], True
     text = re.sub(r"^\s*prompt\s*:\s*", "", text, flags=re.IGNORECASE)
-    return text.strip()
+    return text.strip(), ended
 
 
 def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def check_proposal(text: str, finish_reason: str, seen: set[str], max_chars: int) -> str:
-    """Why a parsed proposal is discarded ('' when it is kept)."""
-    if finish_reason == "length":
+def check_proposal(text: str, finish_reason: str, seen: set[str], max_chars: int, *, ended: bool = False) -> str:
+    """Why a parsed proposal is discarded ('' when it is kept). A reply cut by the length cap is
+    truncated unless the instruction had `ended` before the cut."""
+    if finish_reason == "length" and not ended:
         return "truncated"
     if len(text) < MIN_CHARS or not re.search(r"[A-Za-z]", text):
         return "empty"
@@ -350,8 +357,8 @@ class Opro(SearchMethod):
                 )
                 scored_now = 0
                 for c in proposals:
-                    text = parse_proposal(c.text)
-                    why = check_proposal(text, c.finish_reason, seen, p.instruction_max_chars)
+                    text, ended = read_proposal(c.text)
+                    why = check_proposal(text, c.finish_reason, seen, p.instruction_max_chars, ended=ended)
                     if why:
                         entry = Entry(step, text, f"discarded: {why}")
                         trajectory.append(entry)

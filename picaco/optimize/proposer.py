@@ -200,13 +200,18 @@ _TRAILER = re.compile(
 _QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("`", "`"), ("**", "**")]
 
 
-def parse_candidate(raw: str) -> str:
-    """The instruction inside an optimizer reply, however it was wrapped; '' when nothing is left."""
+def parse_reply(raw: str) -> tuple[str, bool]:
+    """The instruction inside an optimizer reply, however it was wrapped ('' when nothing is left),
+    and whether it ended before the reply did: its tag, code fence or triple quotes closed, or
+    commentary ("Note: ...", "This revised prompt ...") followed it. A reply the length cap cut after
+    such an ending still holds the whole instruction."""
     text = _THINK.sub("", raw or "").strip()
+    ended = False
     for pattern, group in ((_TAG, 2), (_FENCE, 1), (_TRIPLE, 1)):
         m = pattern.search(text)
         if m and m.group(group).strip():
             text = m.group(group).strip()
+            ended = m.end() > m.end(group)  # the closing delimiter matched, not the end of the reply
             break
     lines = text.splitlines()
     while lines and (not lines[0].strip() or _PREAMBLE_LINE.match(lines[0])):
@@ -216,6 +221,7 @@ def parse_candidate(raw: str) -> str:
     m = _TRAILER.search(text)
     if m:
         text = text[: m.start()].strip()
+        ended = True
     changed = True
     while changed and len(text) >= 2:
         changed = False
@@ -223,7 +229,12 @@ def parse_candidate(raw: str) -> str:
             if text.startswith(left) and text.endswith(right) and len(text) > len(left) + len(right):
                 text = text[len(left) : -len(right)].strip()
                 changed = True
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    return re.sub(r"\n{3,}", "\n\n", text).strip(), ended
+
+
+def parse_candidate(raw: str) -> str:
+    """The instruction inside an optimizer reply, however it was wrapped; '' when nothing is left."""
+    return parse_reply(raw)[0]
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -363,9 +374,11 @@ def check_candidates(
     verdicts: list[Verdict] = []
     kept: list[str] = []
     for i, (raw, finish) in enumerate(proposals):
-        text = parse_candidate(raw)
+        text, ended = parse_reply(raw)
         reason = ""
         notes: list[str] = []
+        if finish == "length" and ended:
+            notes.append("the reply ran on to the length cap after the instruction ended")
         shown = () if grounded_from is not None and i >= grounded_from else examples
         leak = find_leak(text, shown)
         if leak in SALVAGEABLE:
@@ -390,7 +403,7 @@ def check_candidates(
             which = ", ".join(f"{qid} ({' '.join(sorted(words))})" for qid, words in by_query.items())
             notes.append(f"cut {n_cut} sentence(s) tailored to training "
                          f"{'query' if len(by_query) == 1 else 'queries'} {which}")
-        if finish == "length":
+        if finish == "length" and not ended:
             reason = "truncated"
         elif tailored and len(text) < MIN_CHARS:
             reason = f"tailored: nothing left without the sentences for {which}"
