@@ -446,6 +446,7 @@ def compare(
     methods: str = typer.Option("Q,Q+IF,URIAL,MP,Modular,OPRO,PICACO", help="Comma-separated methods; PICACO is optimized first."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (the PICACO run goes in OUT/picaco-run)."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    samples: int = typer.Option(1, help="Responses per query per method in the evaluation; more tell close methods apart (docs/evaluation.md). Raise it on a finished comparison and only the new responses are made."),
     preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
@@ -468,7 +469,7 @@ def compare(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_dir = out_dir / "picaco-run"
     instructions = {"PICACO": run_dir / "instruction.txt"} if "PICACO" in names else {}
-    plan_args = dict(out_dir=out_dir / "eval", n_queries=n_queries)
+    plan_args = dict(out_dir=out_dir / "eval", n_queries=n_queries, samples_per_query=samples)
     if dry_run:
         _compare_dry_run(cfg, names, instructions, run_dir, as_json, plan_args)
         return
@@ -542,6 +543,7 @@ def study_scaling(
     groups: str = typer.Option("helpfulness-4,harmlessness-4", help="Value sets whose members are balanced in every subset."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory; rerun to resume."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
+    samples: int = typer.Option(1, help="Responses per query per method in the evaluation; more tell close methods apart (docs/evaluation.md). Raise it on a finished comparison and only the new responses are made."),
     preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),

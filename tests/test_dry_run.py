@@ -134,6 +134,10 @@ def test_a_dry_run_writes_nothing_and_predicts_what_the_command_spends(tmp_path)
     methods = {m["name"]: m for m in plan["evaluate"]["methods"]}
     assert methods["OPRO"]["search_budget"] == estimated  # PICACO's estimate until it has run
     assert plan["total_calls"] == estimated + plan["evaluate"]["total_calls"]
+    # more responses per query: every method's responses to do grow with them
+    three = _dry("compare", "-c", str(cfg), "--methods", "Q,Modular,OPRO,PICACO", "--n-queries", "3",
+                 "--samples", "3", "-o", str(out))
+    assert [m["responses"] for m in three["evaluate"]["methods"]] == [3 * m["responses"] for m in plan["evaluate"]["methods"]]
 
     # an evaluation of the finished run: the plan's target and judge calls are what it then makes
     ev = tmp_path / "eval"
