@@ -390,6 +390,31 @@ def test_compared_methods_join_the_radar_and_the_table(report, finished_run, tmp
     assert "the compared scores are for value set &#39;hh-balance-8&#39;" in html
 
 
+def test_a_compared_evaluation_shows_how_sure_each_held_out_difference_is(finished_run, tmp_path):
+    """With an evaluation summary's pairwise tests, the report lists PICACO against each method held
+    out: the difference with PICACO first, the Holm p and the queries a paired test would need."""
+    summary = {**COMPARE, "methods": {**COMPARE["methods"], "PICACO": {"mean": 3.1, "per_value": {}}},
+               "friedman": {"pairs": [
+                   # the summary's difference is a − b: URIAL − PICACO = −0.1 is PICACO + 0.1
+                   {"a": "URIAL", "b": "PICACO", "mean_difference": -0.1, "p_holm": 0.8, "queries_for_power": 1234},
+                   {"a": "PICACO", "b": "OPRO <i>x</i>", "mean_difference": 0.0, "p_holm": 1.0, "queries_for_power": None},
+                   {"a": "URIAL", "b": "OPRO <i>x</i>", "mean_difference": 0.2, "p_holm": 0.5, "queries_for_power": 90},
+               ]}}
+    html = write_report(finished_run, tmp_path / "r.html", compare=summary).read_text(encoding="utf-8")
+    assert table_rows(html, "held-out-table") == [
+        ["URIAL", "3.00", "+0.10", "0.800", "1,234"],
+        ["OPRO <i>x</i>", "–", "+0.00", "1.000", "no difference"],
+    ]
+    assert "<i>x</i>" not in html  # a method's name is escaped here too
+    # a summary from before the column: the count is unknown, not "no difference"
+    old = {**summary, "friedman": {"pairs": [{"a": "PICACO", "b": "URIAL", "mean_difference": 0.1, "p_holm": 0.8}]}}
+    html = write_report(finished_run, tmp_path / "old.html", compare=old).read_text(encoding="utf-8")
+    assert table_rows(html, "held-out-table") == [["URIAL", "3.00", "+0.10", "0.800", "–"]]
+    # per-value scores alone: no table
+    html = write_report(finished_run, tmp_path / "plain.html", compare=COMPARE).read_text(encoding="utf-8")
+    assert "held-out-table" not in html
+
+
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(DataError, match="not a picaco run directory"):
         write_report(tmp_path)

@@ -29,11 +29,13 @@ from picaco.report.rundata import (
     candidate_history,
     examples,
     gain_and_noise,
+    held_out_pairs,
     load_compare,
     load_run,
     overall,
     pairs,
     rating_of,
+    read_compare,
     round_means,
     seed_final_scores,
     weakest_values,
@@ -172,6 +174,7 @@ def _csp(script: str) -> str:
 def build_context(run: RunData, compare, figure_dir: Path) -> dict:
     matched = pairs(run)
     scores = seed_final_scores(run, matched)
+    compare = read_compare(compare)
     methods, compare_notes = load_compare(compare, run.value_ids,
                                           (run.config.get("fingerprint") or {}).get("value_set"))
     # the final check weighed the bare model and returned no instruction: its side is the bare model
@@ -207,6 +210,7 @@ def build_context(run: RunData, compare, figure_dir: Path) -> dict:
         "methods": list(methods),
         "method_colours": _method_colours(methods),
         "compare_notes": compare_notes,
+        "held_out": held_out_pairs(compare),
         "figures": {f.name: f for f in figs},
         "figure_notes": figure_notes,
         "figure_dir": figure_dir.name,

@@ -532,6 +532,52 @@ def gain_noise_summary(gain: Gain | None, noise: DecisionNoise | None) -> str | 
 # -- compared methods ---------------------------------------------------------------------------------
 
 
+def read_compare(compare) -> Mapping | None:
+    """The compared methods' scores as a mapping: `compare` itself, or the JSON file it names."""
+    if compare is None or isinstance(compare, Mapping):
+        return compare
+    p = Path(compare)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"compare: {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"compare: {p} is not valid JSON ({e.msg})") from None
+
+
+@dataclass(frozen=True)
+class HeldOutPair:
+    """The focus method against another on the evaluation's held-out queries (its summary's tests)."""
+
+    other: str
+    other_mean: float | None
+    difference: float | None  # mean over queries of (focus − other)
+    p_holm: float | None
+    #: queries a paired test needs to tell them apart 80% of the time (None: no difference; the
+    #: summary predates the column when `known` is False)
+    queries_for_power: int | None
+    known: bool
+
+
+def held_out_pairs(compare: Mapping | None, focus: str = "PICACO") -> list[HeldOutPair]:
+    """The pairwise tests of `focus` in an evaluation summary (`summary.json`), best other method
+    first; [] when the mapping has none (per-value scores alone, or no `focus` among the methods)."""
+    if not isinstance(compare, Mapping) or not isinstance(compare.get("friedman"), Mapping):
+        return []
+    methods = compare.get("methods") if isinstance(compare.get("methods"), Mapping) else {}
+    rows = []
+    for p in compare["friedman"].get("pairs") or []:
+        if not isinstance(p, Mapping) or focus not in (p.get("a"), p.get("b")) or p.get("a") == p.get("b"):
+            continue
+        other = p["b"] if p["a"] == focus else p["a"]
+        sign = 1.0 if p["a"] == focus else -1.0  # the summary's difference is a − b
+        diff = p.get("mean_difference")
+        mean = (methods.get(other) or {}).get("mean") if isinstance(methods.get(other), Mapping) else None
+        rows.append(HeldOutPair(str(other), mean, None if diff is None else sign * diff, p.get("p_holm"),
+                                p.get("queries_for_power"), "queries_for_power" in p))
+    return sorted(rows, key=lambda r: -(r.other_mean if r.other_mean is not None else -math.inf))
+
+
 def load_compare(compare, value_ids: Sequence[str], value_set: Mapping | None = None,
                  ) -> tuple[dict[str, dict[str, float | None]], list[str]]:
     """Other methods' per-value mean ratings (1–5) to draw beside the run.
@@ -541,16 +587,9 @@ def load_compare(compare, value_ids: Sequence[str], value_set: Mapping | None = 
     `summary.json` works as it is, and a bare ``{name: {value_id: rating}}`` is accepted too.
     Returns the methods and notes about what was left out.
     """
+    compare = read_compare(compare)
     if compare is None:
         return {}, []
-    if isinstance(compare, (str, Path)):
-        p = Path(compare)
-        try:
-            compare = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"compare: {p} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"compare: {p} is not valid JSON ({e.msg})") from None
     if not isinstance(compare, Mapping):
         raise DataError("compare: expected {\"methods\": {name: {value_id: mean_rating}}}")
     methods = compare.get("methods", compare)

@@ -1,0 +1,93 @@
+"""How much of a difference between two methods is response noise? Reads an evaluation with two or
+more responses per held-out query (`picaco evaluate --samples 3` or `picaco compare --samples 3`).
+
+    python bench/response_noise.py results/s3-helpfulness-4 [--focus PICACO]
+
+Per method, the response noise: the variance of one response's mean rating (over the values) around
+its query's mean, pooled over queries (ddof = 1 within each query). Per pair (the focus method
+against each other one), with S responses a query and per-query differences d of the S-response
+means: var(d) = var_q + (noise_a + noise_b) / S, so the variance that would stay with endlessly
+many responses is var_q = var(d) − (noise_a + noise_b) / S (floored at 0). From these, the share of
+a one-response difference's variance that is response noise, and the queries a paired test at 0.05
+needs for 80% power on the observed mean difference with 1, S and 10 responses a query and with
+no response noise at all (`picaco.evaluate.metrics.queries_for_power`'s formula). No model is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+Z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
+
+
+def per_query_samples(eval_dir: Path) -> dict[str, dict[str, list[float]]]:
+    """method -> query id -> the mean rating (over scored values) of each of its responses."""
+    out: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        rated = [v for v in row["ratings"].values() if v is not None]
+        if rated:
+            out[row["method"]][row["query_id"]].append(float(np.mean(rated)))
+    return out
+
+
+def response_noise(samples: dict[str, list[float]]) -> float:
+    """Within-query variance of one response, pooled over the queries with two or more responses."""
+    num = den = 0.0
+    for xs in samples.values():
+        if len(xs) >= 2:
+            num += np.var(xs, ddof=1) * (len(xs) - 1)
+            den += len(xs) - 1
+    return num / den if den else float("nan")
+
+
+def needed(variance: float, difference: float) -> str:
+    if not difference or not math.isfinite(variance):
+        return "–"
+    return f"{max(2, math.ceil(Z * Z * variance / difference ** 2)):,}"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("eval_dirs", nargs="+", type=Path, help="evaluation directories (with samples.jsonl)")
+    ap.add_argument("--focus", default="PICACO")
+    args = ap.parse_args(argv)
+    for d in args.eval_dirs:
+        data = per_query_samples(d)
+        if args.focus not in data:
+            ap.error(f"{d}: no {args.focus} rows")
+        S = min(len(xs) for m in data.values() for xs in m.values())
+        if S < 2:
+            ap.error(f"{d}: one response a query; evaluate with --samples 2 or more")
+        noise = {m: response_noise(q) for m, q in data.items()}
+        print(f"### {d.name}: {S} responses a query\n")
+        print("response noise (variance of one response's mean rating within its query): " +
+              ", ".join(f"{m} {noise[m]:.3f}" for m in data) + "\n")
+        print(f"| {args.focus} against | mean difference ({S} responses) | var of one-response difference "
+              f"| of it response noise | queries for 80% power: 1 response | {S} | 10 | no response noise |")
+        print("|---|---|---|---|---|---|---|---|")
+        for other in data:
+            if other == args.focus:
+                continue
+            qs = sorted(set(data[args.focus]) & set(data[other]))
+            diffs = np.array([np.mean(data[args.focus][q][:S]) - np.mean(data[other][q][:S]) for q in qs])
+            both = noise[args.focus] + noise[other]
+            var_q = max(0.0, float(np.var(diffs, ddof=1)) - both / S)
+            one = var_q + both
+            mean = float(diffs.mean())
+            print(f"| {other} | {mean:+.3f} | {one:.3f} | {both / one:.0%} | {needed(one, mean)} | "
+                  f"{needed(var_q + both / S, mean)} | {needed(var_q + both / 10, mean)} | {needed(var_q, mean)} |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
