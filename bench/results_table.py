@@ -4,7 +4,8 @@
     python bench/results_table.py --overview results/helpfulness-4 results/confucianism-4
 
 Each argument is a `picaco compare -o DIR` directory (its `eval/summary.json` is read, and
-`picaco-run/accounting.json` for PICACO's optimization spend). Nothing is recomputed here: every
+`picaco-run/accounting.json` for PICACO's optimization spend) or a `picaco evaluate -o DIR` one (its
+`summary.json`). Nothing is recomputed here: every
 number comes from the summaries, so the table is exactly what the commands produced.
 """
 
@@ -58,6 +59,11 @@ def optimization_requests(compare_dir: Path) -> dict[str, str]:
     return spend
 
 
+def summary_file(d: Path) -> Path:
+    """A `picaco compare -o` directory's evaluation summary, or an evaluation directory's own."""
+    return d / "eval" / "summary.json" if (d / "eval" / "summary.json").is_file() else d / "summary.json"
+
+
 def pair(summary: dict, a: str, b: str) -> dict | None:
     """The pairwise test of methods a and b from a summary (either order), or None."""
     for p in summary.get("friedman", {}).get("pairs", []):
@@ -75,7 +81,7 @@ def _need(p: dict | None) -> str:
 
 
 def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
-    summary = json.loads((compare_dir / "eval" / "summary.json").read_text())
+    summary = json.loads(summary_file(compare_dir).read_text())
     spend = optimization_requests(compare_dir)
     name = summary["value_set"]["name"]
     judge = summary.get("judge", {})
@@ -112,7 +118,7 @@ def set_table(compare_dir: Path, focus: str = "PICACO") -> str:
 def overview(compare_dirs: list[Path], focus: str = "PICACO") -> str:
     """One row a set: every method's mean and CV, the best mean and the lowest CV in bold, and how
     many queries would tell `focus` from the best other method on mean."""
-    summaries = [json.loads((d / "eval" / "summary.json").read_text()) for d in compare_dirs]
+    summaries = [json.loads(summary_file(d).read_text()) for d in compare_dirs]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     methods = sorted({m for s in summaries for m in s["methods"]}, key=lambda m: (order.get(m, len(order)), m))
     lines = ["Mean conformity (1–5) / CV across values; bold: the set's best mean and lowest CV.", "",
@@ -140,13 +146,15 @@ def overview(compare_dirs: list[Path], focus: str = "PICACO") -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("compare_dirs", nargs="+", type=Path, help="`picaco compare -o` directories")
+    parser.add_argument("compare_dirs", nargs="+", type=Path,
+                        help="`picaco compare -o` directories (or `picaco evaluate -o` ones)")
     parser.add_argument("--overview", action="store_true",
                         help="one table with a row a set instead of a table a set")
     args = parser.parse_args(argv)
     for d in args.compare_dirs:
-        if not (d / "eval" / "summary.json").is_file():
-            parser.error(f"{d}: no eval/summary.json (not a finished `picaco compare` directory)")
+        if not summary_file(d).is_file():
+            parser.error(f"{d}: no eval/summary.json or summary.json (not a finished `picaco compare` "
+                         "or `picaco evaluate` directory)")
     if args.overview:
         print(overview(args.compare_dirs))
         return 0
