@@ -5,10 +5,12 @@ more responses per held-out query (`picaco evaluate --samples 3` or `picaco comp
 
 Per method, the response noise: the variance of one response's mean rating (over the values) around
 its query's mean, pooled over queries (ddof = 1 within each query). Per pair (the focus method
-against each other one), with S responses a query and per-query differences d of the S-response
-means: var(d) = var_q + (noise_a + noise_b) / S, so the variance that would stay with endlessly
-many responses is var_q = var(d) − (noise_a + noise_b) / S (floored at 0). From these, the share of
-a one-response difference's variance that is response noise, and the queries a paired test at 0.05
+against each other one), the same for the difference of the two methods' responses drawn with the
+same seed (sample j of both; `evaluate` gives sample j of every method the same seed, so this
+counts what the two draws share), noise_d. With S responses a query and per-query differences d of
+the S-response means, var(d) = var_q + noise_d / S, so the variance that would stay with endlessly
+many responses is var_q = var(d) − noise_d / S (floored at 0). From these, the share of a
+one-response difference's variance that is response noise, and the queries a paired test at 0.05
 needs for 80% power on the observed mean difference with 1, S and 10 responses a query and with
 no response noise at all (`picaco.evaluate.metrics.queries_for_power`'s formula). No model is called.
 """
@@ -28,14 +30,14 @@ from scipy import stats
 Z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
 
 
-def per_query_samples(eval_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """method -> query id -> the mean rating (over scored values) of each of its responses."""
-    out: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+def per_query_samples(eval_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """method -> query id -> sample index -> the mean rating (over scored values) of that response."""
+    out: dict = collections.defaultdict(lambda: collections.defaultdict(dict))
     for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         rated = [v for v in row["ratings"].values() if v is not None]
         if rated:
-            out[row["method"]][row["query_id"]].append(float(np.mean(rated)))
+            out[row["method"]][row["query_id"]][int(row["sample"])] = float(np.mean(rated))
     return out
 
 
@@ -66,25 +68,28 @@ def main(argv: list[str]) -> int:
             ap.error(f"{d}: no {args.focus} rows")
         S = min(len(xs) for m in data.values() for xs in m.values())
         if S < 2:
-            ap.error(f"{d}: one response a query; evaluate with --samples 2 or more")
-        noise = {m: response_noise(q) for m, q in data.items()}
+            ap.error(f"{d}: a query with one response; evaluate with --samples 2 or more")
+        noise = {m: response_noise({q: list(xs.values()) for q, xs in by_q.items()}) for m, by_q in data.items()}
         print(f"### {d.name}: {S} responses a query\n")
         print("response noise (variance of one response's mean rating within its query): " +
               ", ".join(f"{m} {noise[m]:.3f}" for m in data) + "\n")
         print(f"| {args.focus} against | mean difference ({S} responses) | var of one-response difference "
               f"| of it response noise | queries for 80% power: 1 response | {S} | 10 | no response noise |")
         print("|---|---|---|---|---|---|---|---|")
-        for other in data:
+        mine = data[args.focus]
+        for other, theirs in data.items():
             if other == args.focus:
                 continue
-            qs = sorted(set(data[args.focus]) & set(data[other]))
-            diffs = np.array([np.mean(data[args.focus][q][:S]) - np.mean(data[other][q][:S]) for q in qs])
-            both = noise[args.focus] + noise[other]
-            var_q = max(0.0, float(np.var(diffs, ddof=1)) - both / S)
-            one = var_q + both
+            # per query, the differences of the responses drawn with the same seed
+            paired = {q: [mine[q][j] - theirs[q][j] for j in range(S)] for q in sorted(set(mine) & set(theirs))
+                      if all(j in mine[q] and j in theirs[q] for j in range(S))}
+            noise_d = response_noise(paired)
+            diffs = np.array([np.mean(ds) for ds in paired.values()])
+            var_q = max(0.0, float(np.var(diffs, ddof=1)) - noise_d / S)
+            one = var_q + noise_d
             mean = float(diffs.mean())
-            print(f"| {other} | {mean:+.3f} | {one:.3f} | {both / one:.0%} | {needed(one, mean)} | "
-                  f"{needed(var_q + both / S, mean)} | {needed(var_q + both / 10, mean)} | {needed(var_q, mean)} |")
+            print(f"| {other} | {mean:+.3f} | {one:.3f} | {noise_d / one:.0%} | {needed(one, mean)} | "
+                  f"{needed(var_q + noise_d / S, mean)} | {needed(var_q + noise_d / 10, mean)} | {needed(var_q, mean)} |")
         print()
     return 0
 
