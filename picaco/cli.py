@@ -543,7 +543,6 @@ def study_scaling(
     groups: str = typer.Option("helpfulness-4,harmlessness-4", help="Value sets whose members are balanced in every subset."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory; rerun to resume."),
     n_queries: Optional[int] = typer.Option(None, help="Use only the first N held-out queries."),
-    samples: int = typer.Option(1, help="Responses per query per method in the evaluation; more tell close methods apart (docs/evaluation.md). Raise it on a finished comparison and only the new responses are made."),
     preset: Optional[str] = typer.Option(None, help="tiny | cpu | paper (PICACO's and the optimizing baselines' sizes)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config field."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the call cache."),
