@@ -12,7 +12,8 @@ the S-response means, var(d) = var_q + noise_d / S, so the variance that would s
 many responses is var_q = var(d) − noise_d / S (floored at 0). From these, the share of a
 one-response difference's variance that is response noise, and the queries a paired test at 0.05
 needs for 80% power on the observed mean difference with 1, S and 10 responses a query and with
-no response noise at all (`picaco.evaluate.metrics.queries_for_power`'s formula). No model is called.
+no response noise at all (`picaco.evaluate.metrics.queries_to_detect`). The split is the one the
+report makes of a run's decisions (`picaco.report.rundata.decision_noise`). No model is called.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-Z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from picaco.evaluate.metrics import queries_to_detect  # noqa: E402
+from picaco.report.rundata import decision_noise  # noqa: E402
 
 
 def per_query_samples(eval_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
@@ -41,20 +43,9 @@ def per_query_samples(eval_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
     return out
 
 
-def response_noise(samples: dict[str, list[float]]) -> float:
-    """Within-query variance of one response, pooled over the queries with two or more responses."""
-    num = den = 0.0
-    for xs in samples.values():
-        if len(xs) >= 2:
-            num += np.var(xs, ddof=1) * (len(xs) - 1)
-            den += len(xs) - 1
-    return num / den if den else float("nan")
-
-
 def needed(variance: float, difference: float) -> str:
-    if not difference or not math.isfinite(variance):
-        return "–"
-    return f"{max(2, math.ceil(Z * Z * variance / difference ** 2)):,}"
+    n = queries_to_detect(variance, difference)
+    return "–" if n is None else f"{n:,}"
 
 
 def main(argv: list[str]) -> int:
@@ -69,7 +60,9 @@ def main(argv: list[str]) -> int:
         S = min(len(xs) for m in data.values() for xs in m.values())
         if S < 2:
             ap.error(f"{d}: a query with one response; evaluate with --samples 2 or more")
-        noise = {m: response_noise({q: list(xs.values()) for q, xs in by_q.items()}) for m, by_q in data.items()}
+        # the same split the report makes of a run's decisions: d[q, s] = mu + a[q] + e[q, s]
+        noise = {m: decision_noise([{(q, j): x for q, xs in by_q.items() for j, x in xs.items()}]).var_sample
+                 for m, by_q in data.items()}
         print(f"### {d.name}: {S} responses a query\n")
         print("response noise (variance of one response's mean rating within its query): " +
               ", ".join(f"{m} {noise[m]:.3f}" for m in data) + "\n")
@@ -81,13 +74,12 @@ def main(argv: list[str]) -> int:
             if other == args.focus:
                 continue
             # per query, the differences of the responses drawn with the same seed
-            paired = {q: [mine[q][j] - theirs[q][j] for j in range(S)] for q in sorted(set(mine) & set(theirs))
-                      if all(j in mine[q] and j in theirs[q] for j in range(S))}
-            noise_d = response_noise(paired)
-            diffs = np.array([np.mean(ds) for ds in paired.values()])
-            var_q = max(0.0, float(np.var(diffs, ddof=1)) - noise_d / S)
+            paired = {(q, j): mine[q][j] - theirs[q][j] for q in sorted(set(mine) & set(theirs))
+                      if all(j in mine[q] and j in theirs[q] for j in range(S)) for j in range(S)}
+            split = decision_noise([paired])
+            noise_d, var_q = split.var_sample, split.var_query
             one = var_q + noise_d
-            mean = float(diffs.mean())
+            mean = float(np.mean(list(paired.values())))
             print(f"| {other} | {mean:+.3f} | {one:.3f} | {noise_d / one:.0%} | {needed(one, mean)} | "
                   f"{needed(var_q + noise_d / S, mean)} | {needed(var_q + noise_d / 10, mean)} | {needed(var_q, mean)} |")
         print()

@@ -188,6 +188,8 @@ def test_queries_for_power_against_hand_computed_values():
     # differences 0.5, -0.5, 1, 0: mean 0.25, sd sqrt(1.25 / 3) = 0.6455;
     # ((1.95996 + 0.84162) * 0.6455 / 0.25)^2 = 52.33 -> 53
     assert M.queries_for_power(np.array([0.5, -0.5, 1.0, 0.0])) == 53
+    # the same from the variance itself (bench/response_noise.py asks it this way)
+    assert M.queries_to_detect(1.25 / 3, 0.25) == 53 and M.queries_to_detect(1.25 / 3, 0.0) is None
     # the sign does not matter, NaN differences are left out
     assert M.queries_for_power(np.array([-0.5, 0.5, -1.0, 0.0, nan])) == 53
     # a larger difference with the same spread needs fewer: 4x the mean -> 1/16 of the queries

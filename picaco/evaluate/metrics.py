@@ -289,18 +289,27 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return [float(x) for x in adjusted]
 
 
-def queries_for_power(differences: np.ndarray, power: float = POWER, alpha: float = 0.05) -> int | None:
-    """Queries a two-sided paired test at `alpha` needs to detect the observed mean difference with
-    probability `power`, if the per-query differences keep their observed spread:
-    n = ⌈((z_{1−α/2} + z_power) · sd / |mean|)²⌉ (normal approximation, sd with ddof = 1), at least 2.
-    None when the differences average to zero or there are fewer than two of them. It ignores Holm's
-    correction, so with many pairs the real need is higher: a floor, not a promise."""
-    d = np.asarray(differences, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if d.size < 2 or abs(d.mean()) <= TIE_TOLERANCE:
+def queries_to_detect(variance: float, mean_difference: float, power: float = POWER,
+                      alpha: float = 0.05) -> int | None:
+    """Queries a two-sided paired test at `alpha` needs to detect `mean_difference` with probability
+    `power` when one query's difference has this variance: n = ⌈(z_{1−α/2} + z_power)² · var / mean²⌉
+    (normal approximation), at least 2. None when there is no difference to detect."""
+    if abs(mean_difference) <= TIE_TOLERANCE or not np.isfinite(variance):
         return None
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    return max(2, int(np.ceil((z * d.std(ddof=1) / abs(d.mean())) ** 2)))
+    return max(2, int(np.ceil(z * z * variance / mean_difference ** 2)))
+
+
+def queries_for_power(differences: np.ndarray, power: float = POWER, alpha: float = 0.05) -> int | None:
+    """`queries_to_detect` for the observed mean of per-query differences, if they keep their
+    observed spread (variance with ddof = 1). None when they average to zero or there are fewer
+    than two of them. It ignores Holm's correction, so with many pairs the real need is higher: a
+    floor, not a promise."""
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return None
+    return queries_to_detect(float(d.var(ddof=1)), float(d.mean()), power, alpha)
 
 
 @dataclass(frozen=True)
