@@ -530,3 +530,17 @@ def test_report_in_a_real_browser(chromium, report, tmp_path):
     charts = re.findall(r'<figure id="fig-(\w+)"><svg[^>]*class="chart"', dom)
     assert charts == ["scores", "radar", "rounds"]
     assert len(re.findall(r"<path\b", dom)) > 50  # the charts were parsed as SVG, with their shapes
+
+
+def test_a_browser_that_hangs_after_its_work_is_not_waited_on(tmp_path):
+    # New headless Chromium sometimes writes its output and never exits; that hung a CI run for 90 s
+    # and failed it. The helper takes the output and kills the process group instead of waiting.
+    hangs = tmp_path / "hangs-after-output"
+    hangs.write_text('#!/bin/sh\necho "<html><body>done</body></html>"\nsleep 300\n')
+    hangs.chmod(0o755)
+    assert "done" in browser.dump_dom(str(hangs), tmp_path / "page.html", timeout=30)
+    broken = tmp_path / "exits-without-output"
+    broken.write_text("#!/bin/sh\necho nothing here >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match="exited with 3 without finishing: nothing here"):
+        browser.dump_dom(str(broken), tmp_path / "page.html", timeout=30)

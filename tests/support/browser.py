@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -46,32 +48,68 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _run(exe: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="picaco-chromium-") as profile:
-        cmd = [exe, *BASE_FLAGS, f"--user-data-dir={profile}", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"chromium exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc
+def _run(exe: str, args: list[str], timeout: float, finished, attempts: int = 3) -> str:
+    """Run Chromium with `args` and return its stdout once `finished(stdout, stderr)` says the work
+    is done, or once it exits. New headless Chromium now and then writes its output and then never
+    exits (it hung a CI run for the full timeout), so a finished job is not waited on: its process
+    group is killed. A run that produced nothing in `timeout` seconds is killed and tried again."""
+    for _ in range(attempts):
+        with tempfile.TemporaryDirectory(prefix="picaco-chromium-") as scratch:
+            profile, out_path, err_path = (Path(scratch) / n for n in ("profile", "stdout", "stderr"))
+            cmd = [exe, *BASE_FLAGS, f"--user-data-dir={profile}", *args]
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)  # its own group, to kill the helpers too
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if finished(_read(out_path), _read(err_path)):
+                    break
+                time.sleep(0.2)
+            exited = proc.poll() is not None
+            if not exited:
+                _kill_group(proc)
+            stdout, stderr = _read(out_path), _read(err_path)
+        if finished(stdout, stderr):
+            return stdout
+        if exited:  # it stopped by itself without doing the work: trying again would not help
+            raise RuntimeError(f"chromium exited with {proc.returncode} without finishing: {stderr[-2000:]}")
+    raise RuntimeError(f"chromium did not finish in {timeout:.0f} s, {attempts} times: {stderr[-2000:]}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def screenshot(exe: str, html: Path, png: Path, *, width: int = 1280, height: int = 2400,
-               timeout: float = 90.0) -> Path:
+               timeout: float = 60.0) -> Path:
     """Draw `html` in a window of width x height CSS pixels and save it as `png`."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
+
+    def written(stdout: str, stderr: str) -> bool:  # Chromium reports the file once it is complete
+        return f"written to file {png}" in stdout + stderr and png.is_file()
+
     _run(exe, [f"--screenshot={png}", f"--window-size={width},{height}",
-               "--run-all-compositor-stages-before-draw", Path(html).resolve().as_uri()], timeout)
-    if not png.is_file():
-        raise RuntimeError(f"chromium wrote no screenshot to {png}")
+               "--run-all-compositor-stages-before-draw", Path(html).resolve().as_uri()], timeout, written)
     return png
 
 
-def dump_dom(exe: str, html: Path, *, timeout: float = 90.0) -> str:
+def dump_dom(exe: str, html: Path, *, timeout: float = 60.0) -> str:
     """The page's DOM, serialized after the load event (so after its scripts ran)."""
-    return _run(exe, ["--dump-dom", Path(html).resolve().as_uri()], timeout).stdout
+    return _run(exe, ["--dump-dom", Path(html).resolve().as_uri()], timeout,
+                lambda stdout, _: "</html>" in stdout)
 
 
 def distinct_colours(png: Path, *, step: int = 4) -> int:
