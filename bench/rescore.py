@@ -1,7 +1,7 @@
 """Rescore a compare's held-out answers with both cross-fitted offline judges (docs/RESULTS.md,
 "Both judges on the same held-out answers").
 
-    python bench/rescore.py results/v3-helpfulness-4 helpfulness-4
+    python bench/rescore.py results/v3-helpfulness-4 helpfulness-4   # a compare or evaluate directory
 
 Prints, per method, the mean of per-value mean ratings under the optimization judge (train half 0)
 and the evaluation judge (train half 1) of the bundled labeled data as it is now.
@@ -37,12 +37,15 @@ async def mean_by_method(rows: list[dict], value_set, half: int) -> dict[str, fl
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("compare_dir", type=Path)
+    ap.add_argument("compare_dir", type=Path, help="a `picaco compare` or `picaco evaluate` output directory")
     ap.add_argument("value_set")
     args = ap.parse_args()
-    samples = args.compare_dir / "eval" / "samples.jsonl"
-    if not samples.exists():
-        sys.exit(f"error: {samples} not found (expected a `picaco compare -o DIR` directory)")
+    # a `picaco compare -o DIR` directory keeps its evaluation in eval/; `picaco evaluate -o DIR`, in DIR
+    samples = next((p for p in (args.compare_dir / "eval" / "samples.jsonl",
+                                args.compare_dir / "samples.jsonl") if p.is_file()), None)
+    if samples is None:
+        sys.exit(f"error: no samples.jsonl in {args.compare_dir} or its eval/ (expected a `picaco "
+                 "compare -o DIR` or `picaco evaluate -o DIR` directory)")
     rows = read_rows(samples)
     vs = load_value_set(args.value_set)
     half0 = await mean_by_method(rows, vs, 0)
