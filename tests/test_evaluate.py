@@ -494,7 +494,7 @@ def test_a_system_template_frames_every_method_and_must_match_the_runs(tmp_path)
     assert run(plain, {"picaco": run_dir}, "eval-plain")  # same (no) template: fine
 
 
-def test_prior_turns_go_to_every_method_and_must_match_the_runs(tmp_path):
+def test_prior_turns_go_to_every_method_or_come_with_the_run_alone(tmp_path):
     from picaco.errors import ConfigError
     from picaco.llm.base import turns_as_pairs
 
@@ -512,13 +512,29 @@ def test_prior_turns_go_to_every_method_and_must_match_the_runs(tmp_path):
     # URIAL brings its own examples: refused rather than shown two sets
     with pytest.raises(ConfigError, match="URIAL brings its own example turns"):
         run(config, ["URIAL"], {}, "eval-urial")
-    # the run's instruction was chosen over these turns: refused with other turns or none
+    # the run's instruction was chosen over these turns: refused with other turns
     other = config.model_copy(update={"prior_turns": RunConfig(prior_turns="URIAL").prior_turns})
-    plain = config.model_copy(update={"prior_turns": None})
     with pytest.raises(ConfigError, match="was optimized over 1 example turns"):
         run(other, [], {"picaco": run_dir}, "eval-other")
-    with pytest.raises(ConfigError, match="was optimized over 1 example turns"):
-        run(plain, [], {"picaco": run_dir}, "eval-plain")
+    # with none in the config it brings its own turns, as URIAL does, and the baselines have none
+    plain = config.model_copy(update={"prior_turns": None})
+    sent = run(plain, ["Q", "URIAL"], {"picaco": run_dir}, "eval-own")
+    assert len(sent) == 6
+    own = [m for m in sent if m[0].content == "Be relevant, accurate, deep and clear."]
+    assert len(own) == 2 and all(turns_as_pairs(m[1:-1]) == pairs and m[-1].role == "user" for m in own)
+    assert sum(len(m) == 1 and m[0].role == "user" for m in sent) == 2  # Q: the query alone
+    assert sum(len(m) == 8 for m in sent) == 2  # URIAL: its system prompt, its three exchanges, the query
+    methods = json.loads((tmp_path / "eval-own" / "methods.json").read_text())
+    assert methods["picaco"]["prior_turns"] == [{"role": "user", "content": pairs[0]["user"]},
+                                                {"role": "assistant", "content": pairs[0]["assistant"]}]
+    # a run over turns that returned no instruction is its turns alone, and the summary says so
+    (run_dir / "instruction.txt").write_text("")
+    (run_dir / "result.json").write_text(json.dumps({"instruction": "", "selected_round": None}))
+    sent = run(plain, [], {"picaco": run_dir}, "eval-none-returned")
+    assert [turns_as_pairs(m[:-1]) for m in sent] == [pairs, pairs]
+    warnings = json.loads((tmp_path / "eval-none-returned" / "summary.json").read_text())["warnings"]
+    assert any("picaco: its run returned no instruction" in w and "its example turns with no system "
+               "prompt" in w for w in warnings)
     (run_dir / "provenance.json").write_text(json.dumps({}))
     with pytest.raises(ConfigError, match="was optimized without example turns"):
         run(config, [], {"picaco": run_dir}, "eval-none")

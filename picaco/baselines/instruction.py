@@ -1,6 +1,8 @@
 """Instruction(text): any given system prompt, used verbatim (e.g. a PICACO run's instruction.txt).
 
-The text is sent exactly as given, so what is evaluated is what a user would deploy.
+The text is sent exactly as given, so what is evaluated is what a user would deploy: with `turns`,
+the example exchanges it deploys with (a run optimized over `prior_turns`) come after it, before
+the query.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from pathlib import Path
 
 from picaco.baselines.base import PromptMethod
 from picaco.errors import DataError
+from picaco.llm.base import Message
 from picaco.optimize.rundir import returned_no_instruction
 
 
@@ -23,6 +26,7 @@ class Instruction(PromptMethod):
         source: str | None = None,
         optimized_against: dict | None = None,
         returned_none: bool = False,
+        turns: tuple[Message, ...] = (),
     ):
         super().__init__()
         if not text.strip() and not returned_none:
@@ -33,6 +37,7 @@ class Instruction(PromptMethod):
         self.name = name
         self.source = source
         self.optimized_against = optimized_against
+        self.turns = tuple(turns)
 
     @classmethod
     def from_path(cls, path: str | Path, name: str | None = None, **kwargs) -> "Instruction":
@@ -51,9 +56,14 @@ class Instruction(PromptMethod):
     def system_prompt(self, value_set) -> str | None:
         return self.text or None
 
+    def prior_turns(self, value_set) -> tuple[Message, ...]:
+        return self.turns
+
     def describe(self, value_set) -> dict:
         provenance: dict = {"source": self.source}
         if self.returned_none:
             provenance["returned"] = "no instruction: the run's final check found the bare model better"
+            if self.turns:
+                provenance["returned"] += " (its example turns with no system prompt)"
         return {**super().describe(value_set), "provenance": provenance}
 

@@ -352,8 +352,10 @@ async def _evaluate_into(
         warnings.append(loud)
     for m in methods:
         if getattr(m, "returned_none", False):
+            alone = ("its example turns with no system prompt" if m.prior_turns(value_set)
+                     else "the bare model's answers")
             warnings.append(f"{m.name}: its run returned no instruction (the final check found the "
-                            "bare model ahead), so this row is the bare model's answers")
+                            f"bare model ahead), so this row is {alone}")
     if baseline is not None and baseline not in names:
         warnings.append(f"no win rates: the baseline {baseline!r} is not among the methods evaluated")
     train = [q.id for q in queries if q.split != "test"]

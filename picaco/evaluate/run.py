@@ -32,7 +32,7 @@ from picaco.config import RunConfig
 from picaco.data.queries import Query
 from picaco.errors import ConfigError
 from picaco.evaluate.harness import EvaluationResult, Progress, evaluate
-from picaco.llm.base import turns_as_pairs
+from picaco.llm.base import turns_as_pairs, turns_from_pairs
 from picaco.runtime import Runtime
 
 
@@ -74,13 +74,19 @@ def provenance_judge(path: str | Path) -> dict | None:
         return None
 
 
-def check_same_deployment(name: str, path: str | Path, config: RunConfig) -> None:
-    """A run's instruction fills the slot of the system template it was optimized in, before the prior
-    turns it was optimized over; evaluated in another template or with other turns (or none) it would
-    be measured in a deployment it was not made for."""
+def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dict]:
+    """The example turns a run's instruction is evaluated with: the deployment it was optimized for.
+
+    Its instruction fills the slot of the system template it was optimized in (evaluated in another
+    template, or none, it would be measured in a deployment it was not made for: refused). A run made
+    over prior turns deploys with them (its prior_turns.jsonl): under a config with the same turns
+    every method gets them; under a config with none, this method alone brings them, as URIAL brings
+    its own, so the run is compared with baselines as they are. Under other turns, or a run made
+    without turns under a config that adds some: refused. Returns the turns this method brings
+    itself ([] when none, or when the config already frames every method with them)."""
     prov = _provenance(path)
     if prov is None:
-        return
+        return []
     made_in = prov.get("system_template")
     if made_in != config.system_template:
         where = "inside a system_template" if made_in else "without a system_template"
@@ -89,12 +95,16 @@ def check_same_deployment(name: str, path: str | Path, config: RunConfig) -> Non
             "config (to evaluate its whole deployed prompt as it is, pass its system_prompt.txt instead)"
         )
     made_over = prov.get("prior_turns") or []
-    if made_over != turns_as_pairs(config.turns()):
+    framed = turns_as_pairs(config.turns())
+    if made_over and not framed:
+        return list(made_over)
+    if made_over != framed:
         where = f"over {len(made_over)} example turns" if made_over else "without example turns"
         raise ConfigError(
-            f"{name}: {path} was optimized {where}; evaluate it with the same `prior_turns` in the config "
-            "(the run directory's prior_turns.jsonl holds them)"
+            f"{name}: {path} was optimized {where}; evaluate it with the same `prior_turns` in the config, "
+            "or with none (it then brings the turns of its prior_turns.jsonl itself)"
         )
+    return []
 
 
 def method_order(methods: Sequence[str], instructions: Mapping[str, Path]) -> list[str]:
@@ -243,9 +253,11 @@ async def evaluate_config(
         for name in order:
             if name in instructions:
                 path = instructions[name]
-                check_same_deployment(name, path, config)
+                turns = deployment_turns(name, path, config)
                 against = provenance_judge(path) or optimization_judge_identity()
-                built.append(Instruction.from_path(path, name, optimized_against=against))
+                built.append(Instruction.from_path(path, name, optimized_against=against,
+                                                   turns=turns_from_pairs(
+                                                       (t["user"], t["assistant"]) for t in turns)))
             elif canonical_name(name) in ("OPRO", "GEPA"):
                 built.append(_search_method(
                     canonical_name(name), config, rt, instructions,
