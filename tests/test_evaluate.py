@@ -536,7 +536,8 @@ def test_prior_turns_go_to_every_method_or_come_with_the_run_alone(tmp_path):
     assert any("picaco: its run returned no instruction" in w and "its example turns with no system "
                "prompt" in w for w in warnings)
     (run_dir / "provenance.json").write_text(json.dumps({}))
-    with pytest.raises(ConfigError, match="was optimized without example turns"):
+    with pytest.raises(ConfigError, match="was optimized without example turns; evaluate it with no "
+                       "`prior_turns`"):
         run(config, [], {"picaco": run_dir}, "eval-none")
     assert run(plain, ["URIAL"], {"picaco": run_dir}, "eval-plain")  # no turns on either side: fine
 

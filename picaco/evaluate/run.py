@@ -99,11 +99,12 @@ def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dic
     if made_over and not framed:
         return list(made_over)
     if made_over != framed:
-        where = f"over {len(made_over)} example turns" if made_over else "without example turns"
-        raise ConfigError(
-            f"{name}: {path} was optimized {where}; evaluate it with the same `prior_turns` in the config, "
-            "or with none (it then brings the turns of its prior_turns.jsonl itself)"
-        )
+        if made_over:
+            where, fix = (f"over {len(made_over)} example turns", "the same `prior_turns` in the config, or "
+                          "none (it then brings the turns of its prior_turns.jsonl itself)")
+        else:
+            where, fix = "without example turns", "no `prior_turns` in the config"
+        raise ConfigError(f"{name}: {path} was optimized {where}; evaluate it with {fix}")
     return []
 
 
