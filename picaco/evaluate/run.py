@@ -32,7 +32,7 @@ from picaco.config import RunConfig
 from picaco.data.queries import Query
 from picaco.errors import ConfigError
 from picaco.evaluate.harness import EvaluationResult, Progress, evaluate
-from picaco.llm.base import turns_as_pairs, turns_from_pairs
+from picaco.llm.base import Message, turns_as_pairs, turns_from_pairs
 from picaco.runtime import Runtime
 
 
@@ -74,7 +74,7 @@ def provenance_judge(path: str | Path) -> dict | None:
         return None
 
 
-def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dict]:
+def deployment_turns(name: str, path: str | Path, config: RunConfig) -> tuple[Message, ...]:
     """The example turns a run's instruction is evaluated with: the deployment it was optimized for.
 
     Its instruction fills the slot of the system template it was optimized in (evaluated in another
@@ -83,10 +83,10 @@ def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dic
     every method gets them; under a config with none, this method alone brings them, as URIAL brings
     its own, so the run is compared with baselines as they are. Under other turns, or a run made
     without turns under a config that adds some: refused. Returns the turns this method brings
-    itself ([] when none, or when the config already frames every method with them)."""
+    itself (none when it has none, or when the config already frames every method with them)."""
     prov = _provenance(path)
     if prov is None:
-        return []
+        return ()
     made_in = prov.get("system_template")
     if made_in != config.system_template:
         where = "inside a system_template" if made_in else "without a system_template"
@@ -97,7 +97,7 @@ def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dic
     made_over = prov.get("prior_turns") or []
     framed = turns_as_pairs(config.turns())
     if made_over and not framed:
-        return list(made_over)
+        return turns_from_pairs((t["user"], t["assistant"]) for t in made_over)
     if made_over != framed:
         if made_over:
             where, fix = (f"over {len(made_over)} example turns", "the same `prior_turns` in the config, or "
@@ -105,7 +105,7 @@ def deployment_turns(name: str, path: str | Path, config: RunConfig) -> list[dic
         else:
             where, fix = "without example turns", "no `prior_turns` in the config"
         raise ConfigError(f"{name}: {path} was optimized {where}; evaluate it with {fix}")
-    return []
+    return ()
 
 
 def method_order(methods: Sequence[str], instructions: Mapping[str, Path]) -> list[str]:
@@ -256,9 +256,7 @@ async def evaluate_config(
                 path = instructions[name]
                 turns = deployment_turns(name, path, config)
                 against = provenance_judge(path) or optimization_judge_identity()
-                built.append(Instruction.from_path(path, name, optimized_against=against,
-                                                   turns=turns_from_pairs(
-                                                       (t["user"], t["assistant"]) for t in turns)))
+                built.append(Instruction.from_path(path, name, optimized_against=against, turns=turns))
             elif canonical_name(name) in ("OPRO", "GEPA"):
                 built.append(_search_method(
                     canonical_name(name), config, rt, instructions,
