@@ -22,6 +22,7 @@ from picaco.embeddings import shared_embedder  # noqa: E402
 from picaco.evaluate.harness import read_rows  # noqa: E402
 from picaco.judge.offline import OfflineConfig, OfflineJudge  # noqa: E402
 from picaco.values import load_value_set  # noqa: E402
+from results_table import evaluation_file  # noqa: E402  (bench/, the script's own directory)
 
 
 async def mean_by_method(rows: list[dict], value_set, half: int) -> dict[str, float]:
@@ -40,10 +41,8 @@ async def main() -> None:
     ap.add_argument("compare_dir", type=Path, help="a `picaco compare` or `picaco evaluate` output directory")
     ap.add_argument("value_set")
     args = ap.parse_args()
-    # a `picaco compare -o DIR` directory keeps its evaluation in eval/; `picaco evaluate -o DIR`, in DIR
-    samples = next((p for p in (args.compare_dir / "eval" / "samples.jsonl",
-                                args.compare_dir / "samples.jsonl") if p.is_file()), None)
-    if samples is None:
+    samples = evaluation_file(args.compare_dir, "samples.jsonl")
+    if not samples.is_file():
         sys.exit(f"error: no samples.jsonl in {args.compare_dir} or its eval/ (expected a `picaco "
                  "compare -o DIR` or `picaco evaluate -o DIR` directory)")
     rows = read_rows(samples)

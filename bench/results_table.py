@@ -59,9 +59,15 @@ def optimization_requests(compare_dir: Path) -> dict[str, str]:
     return spend
 
 
+def evaluation_file(d: Path, name: str) -> Path:
+    """A file of the evaluation in `d`: a `picaco compare -o` directory keeps it in eval/, a `picaco
+    evaluate -o` directory in itself."""
+    return d / "eval" / name if (d / "eval" / name).is_file() else d / name
+
+
 def summary_file(d: Path) -> Path:
     """A `picaco compare -o` directory's evaluation summary, or an evaluation directory's own."""
-    return d / "eval" / "summary.json" if (d / "eval" / "summary.json").is_file() else d / "summary.json"
+    return evaluation_file(d, "summary.json")
 
 
 def pair(summary: dict, a: str, b: str) -> dict | None:
